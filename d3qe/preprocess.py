@@ -1,0 +1,79 @@
+"""Image → model input, exactly as upstream's eval transform, with guards for untrusted bytes."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+INPUT_SIZE = 256
+# Limits for untrusted uploads: a 50-megapixel decode is ~150 MB of RGB; the minimum side rejects
+# images too small to carry any evidence (a 1×1 upscaled to 256×256 is a flat colour).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 16
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+class ImageError(ValueError):
+    """An image that cannot be scored: empty, undecodable, truncated, too large or too small."""
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"no such image file: {path}")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{path}: {path.stat().st_size} bytes, above the {MAX_IMAGE_BYTES}-byte limit")
+        source = path.read_bytes()
+    if not isinstance(source, bytes | bytearray | memoryview):
+        raise ImageError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
+    if len(source) == 0:
+        raise ImageError("empty image: 0 bytes")
+    if len(source) > MAX_IMAGE_BYTES:
+        raise ImageError(f"image is {len(source)} bytes, above the {MAX_IMAGE_BYTES}-byte limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(source))
+    except UnidentifiedImageError as e:
+        raise ImageError("not a decodable image (unknown or corrupt format)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image rejected as a decompression bomb: {e}") from e
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode (first frame of an animation) and check limits, then `convert("RGB")` as upstream does."""
+    img = _open(source)
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"image is {w}×{h} = {w * h} pixels, above the {MAX_PIXELS}-pixel limit")
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"image is {w}×{h}, below the minimum of {MIN_SIDE} pixels per side")
+    # The resize to a 256 short side must fit the same pixel budget (very elongated images).
+    if INPUT_SIZE * int(INPUT_SIZE * max(w, h) / min(w, h)) > MAX_PIXELS:
+        raise ImageError(f"image is {w}×{h}: aspect ratio too extreme to resize within the pixel limit")
+    try:
+        img.load()
+        return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"truncated or corrupt image data ({e})") from e
+
+
+def preprocess(image: ImageSource) -> torch.Tensor:
+    """Image → float32 [3, 256, 256] in [0, 1]: short side to 256 (PIL bilinear, antialiased), centre crop.
+
+    No normalisation: the model takes [0, 1] pixels (upstream computes a [-1, 1] copy it never uses).
+    """
+    img = load_image(image)
+    img = TF.resize(img, INPUT_SIZE, interpolation=TF.InterpolationMode.BILINEAR)
+    img = TF.center_crop(img, INPUT_SIZE)
+    return TF.to_tensor(img)

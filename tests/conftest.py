@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixture_weights import FIXTURE, fixture_state_dict
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE / "expected.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def fixture_images(expected) -> list[Path]:
+    return [FIXTURE / "images" / str(name) for name in expected["image_names"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    return fixture_state_dict()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_state, tmp_path_factory) -> Path:
+    """The fixture's weights as the authors' trainer saves them: {"model": state_dict, ...}."""
+    path = tmp_path_factory.mktemp("ckpt") / "d3qe_tiny.pth"
+    torch.save({"model": tiny_state, "total_steps": 1000}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_checkpoint(tiny_state, tmp_path_factory) -> Path:
+    """The tokenizer part alone, laid out like LlamaGen's vq_ds16_c2i.pt."""
+    path = tmp_path_factory.mktemp("ckpt") / "vq_tiny.pt"
+    vq = {k.removeprefix("vq_model."): v for k, v in tiny_state.items() if k.startswith("vq_model.")}
+    torch.save({"model": vq}, path)
+    return path

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+
+from client.cli import main
+
+LOGIT_TOL = 1e-4
+
+
+def test_score_eager_prints_fixture_logits(tiny_checkpoint, fixture_images, expected, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    (folder / "nested").mkdir(parents=True)
+    for p in fixture_images:
+        shutil.copy(p, folder / "nested" / p.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    code = main(["score", "--runtime", "eager", "--checkpoint", str(tiny_checkpoint), "--json", str(folder)])
+    rows = {r["source"].split("/")[-1]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert code == 1  # one image failed
+    assert "not a decodable image" in rows["broken.png"]["error"]
+    for name, logit in zip(expected["image_names"], expected["image_logits_reference"][:, 0], strict=True):
+        row = rows[str(name)]
+        assert abs(row["logit"] - logit) < LOGIT_TOL
+        assert abs(row["probability"] - 1 / (1 + np.exp(-logit))) < 1e-5
+        assert row["verdict"] == ("generated" if logit >= 0 else "real")
