@@ -129,25 +129,18 @@ def load_detector(
 
     if checkpoint is None:
         warnings.warn(
-            f"no D³QE checkpoint given: preset {preset!r} with random weights (seed {seed}); its scores mean nothing",
+            f"no D³QE checkpoint given: preset {preset!r} with random weights (seed {seed}); "
+            "its scores mean nothing",
             stacklevel=2,
         )
-        cfg = PRESETS[preset]
-        if vq_checkpoint is not None:
-            cfg = D3QEConfig(vq=_config_for(state, cfg).vq, clip=cfg.clip, head=cfg.head)
-        model = D3QE(cfg, freq_bias=freq_bias)
-        _seeded_weights(model, seed)
-        if vq_checkpoint is not None:
-            vq_only = {k: v for k, v in state.items() if not _unused(k)}
-            expected = {k for k in model.state_dict() if k.startswith(_VQ_PREFIX)}
-            problems = sorted(expected - vq_only.keys()) + sorted(vq_only.keys() - expected)
-            if problems:
-                raise CheckpointError(f"{vq_checkpoint} is not a LlamaGen VQ-16 tokenizer: keys {problems[:20]}")
-            model.load_state_dict(vq_only, strict=False)
-    else:
-        model = D3QE(_config_for(state, PRESETS[preset]), freq_bias=freq_bias)
-        check_state_dict(state, model, " + ".join(sources))
-        model.load_state_dict({k: v for k, v in state.items() if not _unused(k)})
+        seeded = D3QE(PRESETS[preset], freq_bias=freq_bias)
+        _seeded_weights(seeded, seed)
+        if vq_checkpoint is None:
+            return seeded.eval().to(device)
+        state = {**{k: v for k, v in seeded.state_dict().items() if not k.startswith(_VQ_PREFIX)}, **state}
+    model = D3QE(_config_for(state, PRESETS[preset]), freq_bias=freq_bias)
+    check_state_dict(state, model, " + ".join(sources))
+    model.load_state_dict({k: v for k, v in state.items() if not _unused(k)})
     return model.eval().to(device)
 
 

@@ -84,3 +84,12 @@ def test_safetensors_round_trip(tiny_checkpoint, tmp_path, expected):
         np.testing.assert_allclose(again(x).numpy(), expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
     # nothing unused is carried into served weights
     assert not any(k.startswith(("vq_model.decoder.", "clip_model.transformer.")) for k in d3qe.read_state_dict(path))
+
+
+def test_vq_checkpoint_alone_gives_fixture_tokens(tiny_vq_checkpoint, expected):
+    """No D³QE checkpoint: seeded head, but the tokenizer is the one given."""
+    with pytest.warns(UserWarning, match="random weights"):
+        model = d3qe.load_detector(vq_checkpoint=tiny_vq_checkpoint, preset="tiny")
+    with torch.inference_mode():
+        _, indices = model.vq_model(torch.from_numpy(expected["x"]))
+    np.testing.assert_array_equal(indices.numpy(), expected["x_indices"])
