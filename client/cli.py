@@ -9,6 +9,8 @@ import sys
 # subcommand → (module holding add_arguments/run, one-line help)
 COMMANDS = {
     "score": ("client.score", "score images: path, logit, probability, verdict"),
+    "serve": ("client.serve", "run the Triton server on an exported model repository (foreground, loopback)"),
+    "eval": ("client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps"),
 }
 
 

@@ -19,7 +19,14 @@ class ScoreResult:
     @classmethod
     def from_logit(cls, source: str, logit: float, threshold: float = DEFAULT_THRESHOLD) -> ScoreResult:
         p = 1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0
-        return cls(source, float(logit), p, "generated" if p >= threshold else "real")
+        return cls.from_scores(source, logit, p, threshold)
+
+    @classmethod
+    def from_scores(
+        cls, source: str, logit: float, probability: float, threshold: float = DEFAULT_THRESHOLD
+    ) -> ScoreResult:
+        """A model that outputs both (the served ensemble computes PROB in its graph)."""
+        return cls(source, float(logit), float(probability), "generated" if probability >= threshold else "real")
 
     @classmethod
     def failed(cls, source: str, error: str) -> ScoreResult:

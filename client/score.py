@@ -1,17 +1,22 @@
-"""`d3qe score`: score image files with the eager model in-process or through the Triton server."""
+"""`d3qe score`: score image files through the Triton server (default) or with the eager model in-process."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, Item, ModelMismatchError, ServerNotReadyError
 from client.results import DEFAULT_THRESHOLD, ScoreResult
+
+# A runtime scores (source, bytes or path) pairs, one result each, in order.
+Scorer = Callable[[Iterable[Item]], Iterator[ScoreResult]]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -26,23 +31,24 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 
 def score_eager(
-    model: torch.nn.Module, paths: Iterable[Path], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
+    model: torch.nn.Module, items: Iterable[Item], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
 ) -> Iterator[ScoreResult]:
-    """Preprocess and score in batches; an image that fails to load is reported and its batch goes on."""
+    """Preprocess and score (source, bytes or path) pairs in batches; an image that fails to load is reported
+    and its batch goes on."""
     from d3qe import ImageError, preprocess
 
-    def run(batch: list[tuple[Path, torch.Tensor]]) -> Iterator[ScoreResult]:
+    def run(batch: list[tuple[str, torch.Tensor]]) -> Iterator[ScoreResult]:
         with torch.inference_mode():
             logits = model(torch.stack([t for _, t in batch])).squeeze(1).tolist()
-        for (path, _), logit in zip(batch, logits, strict=True):
-            yield ScoreResult.from_logit(str(path), logit, threshold)
+        for (source, _), logit in zip(batch, logits, strict=True):
+            yield ScoreResult.from_logit(source, logit, threshold)
 
-    batch: list[tuple[Path, torch.Tensor]] = []
-    for path in paths:
+    batch: list[tuple[str, torch.Tensor]] = []
+    for source, image in items:
         try:
-            batch.append((path, preprocess(path)))
+            batch.append((source, preprocess(image)))
         except ImageError as e:
-            yield ScoreResult.failed(str(path), str(e))
+            yield ScoreResult.failed(source, str(e))
             continue
         if len(batch) == batch_size:
             yield from run(batch)
@@ -71,16 +77,59 @@ def write_results(results: Iterable[ScoreResult], fmt: str, out=sys.stdout) -> i
     return failed
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--runtime", choices=["eager"], default="eager", help="where the model runs")
-    p.add_argument("--checkpoint", help="the authors' D³QE .pth, or our .safetensors inference weights")
-    p.add_argument("--vq-checkpoint", help="LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
-    p.add_argument("--preset", default="full", help="architecture for seeded weights when no checkpoint")
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model runs: options shared by `d3qe score` and `d3qe eval`."""
+    p.add_argument(
+        "--runtime",
+        choices=["server", "eager"],
+        default="server",
+        help="the Triton server over gRPC (default), or the eager PyTorch model in this process",
+    )
+    p.add_argument("--url", default=DEFAULT_URL, help="server: gRPC address host:port")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="server: the ensemble taking encoded images")
+    p.add_argument("--concurrency", type=int, default=4, help="server: requests in flight")
+    p.add_argument("--timeout", type=float, default=120.0, help="server: seconds per request")
+    p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="server: send images through system shared memory (client and server on one host)",
+    )
+    p.add_argument("--checkpoint", help="eager: the authors' D³QE .pth, or our .safetensors inference weights")
+    p.add_argument("--vq-checkpoint", help="eager: LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
+    p.add_argument("--preset", default="full", help="eager: architecture for seeded weights when no checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
+
+
+@contextlib.contextmanager
+def open_runtime(args: argparse.Namespace) -> Iterator[Scorer]:
+    """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first."""
+    if args.runtime == "eager":
+        from d3qe import load_detector
+
+        model = load_detector(
+            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
+        )
+        yield lambda items: score_eager(model, items, args.threshold, args.batch_size)
+        return
+    with D3QEClient(
+        args.url,
+        args.model,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        threshold=args.threshold,
+        shared_memory=args.shared_memory,
+    ) as client:
+        client.wait_until_ready(timeout=args.timeout)
+        yield client.score
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    add_runtime_arguments(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="one JSON object per line")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
@@ -88,10 +137,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from d3qe import load_detector
-
-    model = load_detector(
-        args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
-    )
-    results = score_eager(model, expand_paths(args.paths), args.threshold, args.batch_size)
-    return 1 if write_results(results, args.fmt) else 0
+    try:
+        with open_runtime(args) as score:
+            failed = write_results(score((str(p), p) for p in expand_paths(args.paths)), args.fmt)
+    except (ServerNotReadyError, ModelMismatchError) as e:
+        print(f"d3qe score: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0

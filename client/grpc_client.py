@@ -1,0 +1,471 @@
+"""gRPC client for the `d3qe` ensemble on Triton: sync (`D3QEClient`) and asyncio (`AsyncD3QEClient`).
+
+Both batch images into requests, keep a bounded number of requests in flight, give each request a
+deadline, retry UNAVAILABLE with capped exponential backoff, and return one `ScoreResult` per image
+in input order. A request that fails for any other reason is split in halves until the failing image
+is alone, so one bad image fails only itself. The retry/split policy is written once, as a generator
+of steps (`_score_batch`) that the sync and the async client each drive with their own I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcclient_aio
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
+
+from client.results import DEFAULT_THRESHOLD, ScoreResult
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_MODEL = "d3qe"
+IMAGE, LOGIT, PROB = "IMAGE", "LOGIT", "PROB"
+
+# An image as the client takes it: its name in the results, and the encoded file (bytes) or a path to read.
+Item = tuple[str, bytes | Path]
+
+RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
+# Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.
+BATCH_WIDE_STATUS = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
+
+
+class ServerNotReadyError(RuntimeError):
+    """The server or the model did not become ready in time."""
+
+
+class ModelMismatchError(RuntimeError):
+    """The served model does not have the `d3qe` interface (IMAGE BYTES → LOGIT, PROB FP32)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE: `attempts` tries in all, sleeping initial·multiplier^k seconds (capped) between."""
+
+    attempts: int = 5
+    initial_backoff: float = 0.2
+    multiplier: float = 2.0
+    max_backoff: float = 5.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield min(delay, self.max_backoff)
+            delay *= self.multiplier
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    versions: list[str]
+    platform: str
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class _Infer:
+    """Step: send these (source, bytes) pairs as one request; the driver sends back the result or the exception."""
+
+    batch: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+_Step = _Infer | _Sleep
+_Outcome = grpcclient.InferResult | InferenceServerException | None
+
+
+def read_item(item: Item) -> tuple[str, bytes] | ScoreResult:
+    """(source, path) → (source, file bytes); a file that cannot be read becomes its failed result."""
+    source, data = item
+    if isinstance(data, bytes):
+        return source, data
+    try:
+        return source, Path(data).read_bytes()
+    except OSError as e:
+        return ScoreResult.failed(source, f"cannot read image file: {e.strerror or e}")
+
+
+def _score_batch(
+    items: list[Item], retry: RetryPolicy, timeout: float, threshold: float
+) -> Generator[_Step, _Outcome, list[ScoreResult]]:
+    """One batch's policy: read files, send, retry UNAVAILABLE, split on per-image errors. Results in input order."""
+    results: list[ScoreResult | None] = []
+    pending: list[list[tuple[int, str, bytes]]] = [[]]
+    for i, item in enumerate(items):
+        read = read_item(item)
+        results.append(read if isinstance(read, ScoreResult) else None)
+        if not isinstance(read, ScoreResult):
+            pending[0].append((i, *read))
+    while pending:
+        batch = pending.pop(0)
+        if not batch:
+            continue
+        delays = retry.delays()
+        while True:
+            outcome = yield _Infer([(s, b) for _, s, b in batch])
+            if not isinstance(outcome, InferenceServerException):
+                logits, probs = _outputs(outcome, len(batch))
+                for (i, source, _), logit, prob in zip(batch, logits, probs, strict=True):
+                    results[i] = ScoreResult.from_scores(source, float(logit), float(prob), threshold)
+                break
+            status = outcome.status()
+            if status == RETRY_STATUS:
+                delay = next(delays, None)
+                if delay is not None:
+                    yield _Sleep(delay)
+                    continue
+                message = f"server unavailable after {retry.attempts} attempts: {outcome.message()}"
+            elif status == "StatusCode.DEADLINE_EXCEEDED":
+                message = f"request timed out after {timeout:g} s (batch of {len(batch)})"
+            elif status not in BATCH_WIDE_STATUS and len(batch) > 1:
+                half = len(batch) // 2
+                pending[:0] = [batch[:half], batch[half:]]
+                break
+            else:
+                message = f"server error ({status.removeprefix('StatusCode.')}): {outcome.message()}"
+            for i, source, _ in batch:
+                results[i] = ScoreResult.failed(source, message)
+            break
+    return results
+
+
+def _outputs(result: grpcclient.InferResult, n: int) -> tuple[np.ndarray, np.ndarray]:
+    logits, probs = result.as_numpy(LOGIT), result.as_numpy(PROB)
+    if logits is None or probs is None or logits.size != n or probs.size != n:
+        raise ModelMismatchError(f"expected {LOGIT} and {PROB} with {n} values each in the response")
+    return logits.reshape(n), probs.reshape(n)
+
+
+def _check_metadata(metadata: dict, config: dict) -> ModelInfo:
+    inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
+    outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}
+    name = metadata.get("name", "?")
+    if inputs.get(IMAGE) != "BYTES" or outputs.get(LOGIT) != "FP32" or outputs.get(PROB) != "FP32":
+        raise ModelMismatchError(
+            f"model {name!r} has inputs {inputs} and outputs {outputs}; "
+            f"expected {IMAGE}: BYTES → {LOGIT}: FP32, {PROB}: FP32"
+        )
+    cfg = config.get("config", config)
+    return ModelInfo(
+        name, list(metadata.get("versions", [])), metadata.get("platform", ""), int(cfg.get("max_batch_size", 0))
+    )
+
+
+def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class _ShmSlot:
+    """A system shared-memory region for one in-flight request's images, grown (re-registered) when too small."""
+
+    name: str
+    handle: object = None
+    size: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"/{self.name}"
+
+    def fits(self, batch: list[tuple[str, bytes]]) -> bool:
+        # Serialized BYTES: a 4-byte length before each element.
+        return self.handle is not None and sum(4 + len(b) for _, b in batch) <= self.size
+
+    def grow(self, batch: list[tuple[str, bytes]]) -> None:
+        """Replace the region by one that holds `batch` (the caller unregisters the old and registers the new)."""
+        self.release()
+        self.size = max(2 * sum(4 + len(b) for _, b in batch), 1 << 20)
+        self.handle = shm.create_shared_memory_region(self.name, self.key, self.size)
+
+    def release(self) -> None:
+        if self.handle is not None:
+            shm.destroy_shared_memory_region(self.handle)
+            self.handle = None
+
+
+class _ClientBase:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        model: str = DEFAULT_MODEL,
+        *,
+        batch_size: int = 8,
+        concurrency: int = 4,
+        timeout: float = 120.0,
+        retry: RetryPolicy | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        shared_memory: bool = False,
+    ) -> None:
+        if batch_size < 1 or concurrency < 1:
+            raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}")
+        self.url, self.model = url, model
+        self.batch_size, self.concurrency, self.timeout = batch_size, concurrency, timeout
+        self.retry = retry or RetryPolicy()
+        self.threshold = threshold
+        self.shared_memory = shared_memory
+        self.max_batch_size: int | None = None  # from the model config, once checked
+        prefix = f"d3qe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._slots = [_ShmSlot(f"{prefix}_{i}") for i in range(concurrency)] if shared_memory else []
+
+    def _batches(self, items: Iterable[Item]) -> Iterator[list[Item]]:
+        size = self.batch_size if self.max_batch_size is None else min(self.batch_size, max(self.max_batch_size, 1))
+        return _chunks(items, size)
+
+    def _plan(self, batch: list[Item]) -> Generator[_Step, _Outcome, list[ScoreResult]]:
+        return _score_batch(batch, self.retry, self.timeout, self.threshold)
+
+    def _inputs(self, batch: list[tuple[str, bytes]], slot: _ShmSlot | None = None) -> list[grpcclient.InferInput]:
+        """The IMAGE tensor, in the request or (with `slot`, already fitted) in shared memory."""
+        data = np.array([[b] for _, b in batch], dtype=np.object_)
+        if self.max_batch_size == 0:  # a model without batching takes one image of shape [1]
+            data = data.reshape(1)
+        tensor = grpcclient.InferInput(IMAGE, list(data.shape), "BYTES")
+        if slot is None:
+            tensor.set_data_from_numpy(data)
+        else:
+            serialized = serialize_byte_tensor(data)
+            shm.set_shared_memory_region(slot.handle, [serialized])
+            tensor.set_shared_memory(slot.name, serialized_byte_size(serialized))
+        return [tensor]
+
+    def _check_batching(self, info: ModelInfo) -> None:
+        self.max_batch_size = info.max_batch_size
+        if info.max_batch_size == 0 and self.batch_size > 1:
+            self.batch_size = 1
+
+
+class D3QEClient(_ClientBase):
+    """Synchronous client; `score` keeps `concurrency` batches in flight on a thread pool."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, **kwargs) -> None:
+        super().__init__(url, model, **kwargs)
+        self._grpc = grpcclient.InferenceServerClient(url)
+        self._free_slots: queue.Queue[_ShmSlot] = queue.Queue()
+        for slot in self._slots:
+            self._free_slots.put(slot)
+
+    def __enter__(self) -> D3QEClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for slot in self._slots:
+            if slot.handle is not None:
+                self._unregister(slot)
+            slot.release()
+        self._grpc.close()
+
+    def _unregister(self, slot: _ShmSlot) -> None:
+        with contextlib.suppress(InferenceServerException):  # a server that is gone holds no registration
+            self._grpc.unregister_system_shared_memory(slot.name)
+
+    def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
+        """Poll liveness, readiness and the model's readiness, then check its metadata."""
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    self._grpc.is_server_live()
+                    and self._grpc.is_server_ready()
+                    and self._grpc.is_model_ready(self.model)
+                ):
+                    return self.model_info()
+                last = f"model {self.model!r} not ready"
+            except InferenceServerException as e:
+                last = e.message()
+            time.sleep(0.25)
+        raise ServerNotReadyError(f"{self.url}: not ready after {timeout:g} s ({last})")
+
+    def model_info(self) -> ModelInfo:
+        """The model's metadata and batching, checked against the d3qe interface."""
+        info = _check_metadata(
+            self._grpc.get_model_metadata(self.model, as_json=True),
+            self._grpc.get_model_config(self.model, as_json=True),
+        )
+        self._check_batching(info)
+        return info
+
+    def score(self, items: Iterable[Item]) -> Iterator[ScoreResult]:
+        """(source, bytes or path) pairs → one result per image, in input order."""
+        if self.max_batch_size is None:
+            self.model_info()
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="d3qe-client") as pool:
+            in_flight: deque[Future[list[ScoreResult]]] = deque()
+            for batch in self._batches(items):
+                if len(in_flight) == self.concurrency:
+                    yield from in_flight.popleft().result()
+                in_flight.append(pool.submit(self._drive, self._plan(batch)))
+            while in_flight:
+                yield from in_flight.popleft().result()
+
+    def score_paths(self, paths: Iterable[str | Path]) -> Iterator[ScoreResult]:
+        return self.score((str(p), Path(p)) for p in paths)
+
+    def score_batch(self, batch: list[Item]) -> list[ScoreResult]:
+        """One request (split only if an image in it fails), in this thread: for callers timing requests."""
+        return self._drive(self._plan(batch))
+
+    def _drive(self, plan: Generator[_Step, _Outcome, list[ScoreResult]]) -> list[ScoreResult]:
+        try:
+            step = next(plan)
+            while True:
+                outcome: _Outcome = None
+                if isinstance(step, _Sleep):
+                    time.sleep(step.seconds)
+                else:
+                    try:
+                        outcome = self._infer(step.batch)
+                    except InferenceServerException as e:
+                        outcome = e
+                step = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+    def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
+        if not self._slots:
+            return self._grpc.infer(self.model, self._inputs(batch, None), client_timeout=self.timeout)
+        slot = self._free_slots.get()
+        try:
+            if not slot.fits(batch):
+                if slot.handle is not None:
+                    self._unregister(slot)
+                slot.grow(batch)
+                self._grpc.register_system_shared_memory(slot.name, slot.key, slot.size)
+            return self._grpc.infer(self.model, self._inputs(batch, slot), client_timeout=self.timeout)
+        finally:
+            self._free_slots.put(slot)
+
+
+class AsyncD3QEClient(_ClientBase):
+    """asyncio client over `tritonclient.grpc.aio`; `score` is an async iterator, `concurrency` requests in flight."""
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = DEFAULT_MODEL, **kwargs) -> None:
+        super().__init__(url, model, **kwargs)
+        self._grpc = grpcclient_aio.InferenceServerClient(url)
+        self._free_slots: asyncio.Queue[_ShmSlot] | None = None
+
+    async def __aenter__(self) -> AsyncD3QEClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for slot in self._slots:
+            if slot.handle is not None:
+                await self._unregister(slot)
+            slot.release()
+        await self._grpc.close()
+
+    async def _unregister(self, slot: _ShmSlot) -> None:
+        with contextlib.suppress(InferenceServerException):  # a server that is gone holds no registration
+            await self._grpc.unregister_system_shared_memory(slot.name)
+
+    async def wait_until_ready(self, timeout: float = 60.0) -> ModelInfo:
+        """Poll liveness, readiness and the model's readiness, then check its metadata."""
+        deadline, last = time.monotonic() + timeout, "no answer"
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    await self._grpc.is_server_live()
+                    and await self._grpc.is_server_ready()
+                    and await self._grpc.is_model_ready(self.model)
+                ):
+                    return await self.model_info()
+                last = f"model {self.model!r} not ready"
+            except InferenceServerException as e:
+                last = e.message()
+            await asyncio.sleep(0.25)
+        raise ServerNotReadyError(f"{self.url}: not ready after {timeout:g} s ({last})")
+
+    async def model_info(self) -> ModelInfo:
+        """The model's metadata and batching, checked against the d3qe interface."""
+        info = _check_metadata(
+            await self._grpc.get_model_metadata(self.model, as_json=True),
+            await self._grpc.get_model_config(self.model, as_json=True),
+        )
+        self._check_batching(info)
+        return info
+
+    async def score(self, items: Iterable[Item]) -> AsyncIterator[ScoreResult]:
+        """(source, bytes or path) pairs → one result per image, in input order."""
+        if self.max_batch_size is None:
+            await self.model_info()
+        in_flight: deque[asyncio.Task[list[ScoreResult]]] = deque()
+        try:
+            for batch in self._batches(items):
+                if len(in_flight) == self.concurrency:
+                    for result in await in_flight.popleft():
+                        yield result
+                in_flight.append(asyncio.ensure_future(self._drive(self._plan(batch))))
+            while in_flight:
+                for result in await in_flight.popleft():
+                    yield result
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    def score_paths(self, paths: Iterable[str | Path]) -> AsyncIterator[ScoreResult]:
+        return self.score((str(p), Path(p)) for p in paths)
+
+    async def score_batch(self, batch: list[Item]) -> list[ScoreResult]:
+        """One request (split only if an image in it fails): for callers timing requests."""
+        return await self._drive(self._plan(batch))
+
+    async def _drive(self, plan: Generator[_Step, _Outcome, list[ScoreResult]]) -> list[ScoreResult]:
+        try:
+            step = next(plan)
+            while True:
+                outcome: _Outcome = None
+                if isinstance(step, _Sleep):
+                    await asyncio.sleep(step.seconds)
+                else:
+                    try:
+                        outcome = await self._infer(step.batch)
+                    except InferenceServerException as e:
+                        outcome = e
+                step = plan.send(outcome)
+        except StopIteration as done:
+            return done.value
+
+    async def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
+        if not self._slots:
+            return await self._grpc.infer(self.model, self._inputs(batch, None), client_timeout=self.timeout)
+        if self._free_slots is None:  # created here so that it belongs to the running loop
+            self._free_slots = asyncio.Queue()
+            for slot in self._slots:
+                self._free_slots.put_nowait(slot)
+        slot = await self._free_slots.get()
+        try:
+            if not slot.fits(batch):
+                if slot.handle is not None:
+                    await self._unregister(slot)
+                slot.grow(batch)
+                await self._grpc.register_system_shared_memory(slot.name, slot.key, slot.size)
+            return await self._grpc.infer(self.model, self._inputs(batch, slot), client_timeout=self.timeout)
+        finally:
+            self._free_slots.put_nowait(slot)
