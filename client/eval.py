@@ -197,7 +197,8 @@ def _score_samples(
     for r in score(items()):
         results.append(r)
         bar.update()
-    return results
+    order = {str(path): i for i, (path, _) in enumerate(samples)}
+    return sorted(results, key=lambda r: order[r.source])  # perturbation failures were added out of turn
 
 
 def _pct(v: float) -> str:
