@@ -5,6 +5,11 @@ deadline, retry UNAVAILABLE with capped exponential backoff, and return one `Sco
 in input order. A request that fails for any other reason is split in halves until the failing image
 is alone, so one bad image fails only itself. The retry/split policy is written once, as a generator
 of steps (`_score_batch`) that the sync and the async client each drive with their own I/O.
+
+The per-request timeout is the client's alone: past it the client stops waiting and reports the images
+as timed out, but does not cancel the call. A cancelled gRPC call can crash Triton before 24.12 (a race
+in its cancellation handling, fixed by triton-inference-server/server#7840; the server here is 2.51 =
+24.10), so no deadline is sent, and `close()` waits (up to `drain_timeout`) for calls still running.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import threading
 import time
 import uuid
 from collections import deque
@@ -217,6 +223,7 @@ class _ClientBase:
         retry: RetryPolicy | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         shared_memory: bool = False,
+        drain_timeout: float = 600.0,
     ) -> None:
         if batch_size < 1 or concurrency < 1:
             raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size} and {concurrency}")
@@ -225,6 +232,7 @@ class _ClientBase:
         self.retry = retry or RetryPolicy()
         self.threshold = threshold
         self.shared_memory = shared_memory
+        self.drain_timeout = drain_timeout
         self.max_batch_size: int | None = None  # from the model config, once checked
         prefix = f"d3qe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._slots = [_ShmSlot(f"{prefix}_{i}") for i in range(concurrency)] if shared_memory else []
@@ -250,6 +258,9 @@ class _ClientBase:
             tensor.set_shared_memory(slot.name, serialized_byte_size(serialized))
         return [tensor]
 
+    def _timed_out(self) -> InferenceServerException:
+        return InferenceServerException(f"no answer within {self.timeout:g} s", status="StatusCode.DEADLINE_EXCEEDED")
+
     def _check_batching(self, info: ModelInfo) -> None:
         self.max_batch_size = info.max_batch_size
         if info.max_batch_size == 0 and self.batch_size > 1:
@@ -265,6 +276,7 @@ class D3QEClient(_ClientBase):
         self._free_slots: queue.Queue[_ShmSlot] = queue.Queue()
         for slot in self._slots:
             self._free_slots.put(slot)
+        self._running: set[threading.Event] = set()  # calls not answered yet, timed out ones included
 
     def __enter__(self) -> D3QEClient:
         return self
@@ -273,6 +285,10 @@ class D3QEClient(_ClientBase):
         self.close()
 
     def close(self) -> None:
+        """Wait for calls still running (closing the channel would cancel them), then free shared memory."""
+        deadline = time.monotonic() + self.drain_timeout
+        for done in list(self._running):
+            done.wait(max(0.0, deadline - time.monotonic()))
         for slot in self._slots:
             if slot.handle is not None:
                 self._unregister(slot)
@@ -346,18 +362,35 @@ class D3QEClient(_ClientBase):
             return done.value
 
     def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
-        if not self._slots:
-            return self._grpc.infer(self.model, self._inputs(batch, None), client_timeout=self.timeout)
-        slot = self._free_slots.get()
+        slot = self._free_slots.get() if self._slots else None
         try:
-            if not slot.fits(batch):
+            if slot is not None and not slot.fits(batch):
                 if slot.handle is not None:
                     self._unregister(slot)
                 slot.grow(batch)
                 self._grpc.register_system_shared_memory(slot.name, slot.key, slot.size)
-            return self._grpc.infer(self.model, self._inputs(batch, slot), client_timeout=self.timeout)
-        finally:
-            self._free_slots.put(slot)
+            inputs = self._inputs(batch, slot)
+        except BaseException:
+            if slot is not None:
+                self._free_slots.put(slot)
+            raise
+        done, answer = threading.Event(), []
+
+        def finished(result: grpcclient.InferResult | None, error: InferenceServerException | None) -> None:
+            answer.append((result, error))
+            if slot is not None:  # the server has read the region: it may take the next batch
+                self._free_slots.put(slot)
+            self._running.discard(done)
+            done.set()
+
+        self._running.add(done)
+        self._grpc.async_infer(self.model, inputs, finished)
+        if not done.wait(self.timeout):
+            raise self._timed_out()
+        result, error = answer[0]
+        if error is not None:
+            raise error
+        return result
 
 
 class AsyncD3QEClient(_ClientBase):
@@ -367,6 +400,7 @@ class AsyncD3QEClient(_ClientBase):
         super().__init__(url, model, **kwargs)
         self._grpc = grpcclient_aio.InferenceServerClient(url)
         self._free_slots: asyncio.Queue[_ShmSlot] | None = None
+        self._running: set[asyncio.Task] = set()  # calls not answered yet, timed out ones included
 
     async def __aenter__(self) -> AsyncD3QEClient:
         return self
@@ -375,6 +409,9 @@ class AsyncD3QEClient(_ClientBase):
         await self.close()
 
     async def close(self) -> None:
+        """Wait for calls still running (closing the channel would cancel them), then free shared memory."""
+        if self._running:
+            await asyncio.wait(self._running, timeout=self.drain_timeout)
         for slot in self._slots:
             if slot.handle is not None:
                 await self._unregister(slot)
@@ -453,19 +490,34 @@ class AsyncD3QEClient(_ClientBase):
             return done.value
 
     async def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
-        if not self._slots:
-            return await self._grpc.infer(self.model, self._inputs(batch, None), client_timeout=self.timeout)
-        if self._free_slots is None:  # created here so that it belongs to the running loop
+        if self._slots and self._free_slots is None:  # created here so that it belongs to the running loop
             self._free_slots = asyncio.Queue()
             for slot in self._slots:
                 self._free_slots.put_nowait(slot)
-        slot = await self._free_slots.get()
+        slot = await self._free_slots.get() if self._slots else None
         try:
-            if not slot.fits(batch):
+            if slot is not None and not slot.fits(batch):
                 if slot.handle is not None:
                     await self._unregister(slot)
                 slot.grow(batch)
                 await self._grpc.register_system_shared_memory(slot.name, slot.key, slot.size)
-            return await self._grpc.infer(self.model, self._inputs(batch, slot), client_timeout=self.timeout)
-        finally:
-            self._free_slots.put_nowait(slot)
+            call = asyncio.ensure_future(self._grpc.infer(self.model, self._inputs(batch, slot)))
+        except BaseException:
+            if slot is not None:
+                self._free_slots.put_nowait(slot)
+            raise
+        self._running.add(call)
+
+        def finished(task: asyncio.Task) -> None:
+            if slot is not None:  # the server has read the region: it may take the next batch
+                self._free_slots.put_nowait(slot)
+            self._running.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved here too, for a call nobody awaits any more
+
+        call.add_done_callback(finished)
+        try:
+            # shield: a timeout or a cancelled caller stops waiting, the call itself runs to its end
+            return await asyncio.wait_for(asyncio.shield(call), self.timeout)
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None

@@ -9,6 +9,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -60,8 +61,9 @@ def score_eager(
         yield from run(batch)
 
 
-def write_results(results: Iterable[ScoreResult], fmt: str, out=sys.stdout) -> int:
-    """Print one row per image; returns the number of failed images."""
+def write_results(results: Iterable[ScoreResult], fmt: str, out: TextIO | None = None) -> int:
+    """Print one row per image (to stdout as it is at the call); returns the number of failed images."""
+    out = out or sys.stdout
     failed = 0
     writer = None
     for r in results:
