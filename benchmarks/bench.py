@@ -1,0 +1,493 @@
+"""`d3qe bench`: upstream-style eager fp32 vs each exported runtime in-process vs Triton over gRPC, in one run.
+
+Every configuration scores the same encoded images from bytes (decode and preprocessing included), so
+images/s compare end to end; each is also checked against the eager logits of the same images (max
+|Δlogit|, verdict agreement). Served throughput is measured with 1, 4, 16 and 64 concurrent clients,
+each sending one image per request (the server's dynamic batcher forms the batches). Results go to
+`benchmarks/results/<machine>-<date>/` as bench.json, bench.md and bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from client.grpc_client import DEFAULT_MODEL, AsyncD3QEClient, RetryPolicy
+from client.results import DEFAULT_THRESHOLD
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("vq_encoder", "clip_visual", "d3qe_head")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes chosen so that a run finishes in minutes on the machine it is meant for."""
+
+    device: str
+    images: int  # distinct images; every configuration scores all of them
+    eager_batch: int  # upstream's eval batches its DataLoader; on 2 CPU cores batch 1 is eager's fastest
+    runtime_batch: int
+    concurrency: tuple[int, ...] = (1, 4, 16, 64)
+    min_requests: int = 16  # per concurrency level: max(min_requests, clients), images reused in turn
+    warmup: int = 2  # untimed forward passes (or requests) before each configuration
+
+
+PROFILES = {
+    "cpu": Profile(device="cpu", images=16, eager_batch=1, runtime_batch=1),
+    "gpu": Profile(device="cuda", images=512, eager_batch=32, runtime_batch=32, min_requests=512, warmup=8),
+}
+
+
+@dataclass
+class Row:
+    """One configuration's measurement."""
+
+    name: str
+    runtime: str
+    precision: str
+    batch_policy: str
+    images: int
+    seconds: float
+    latencies_ms: list[float] = field(repr=False)
+    failed: int = 0
+    max_abs_dlogit: float | None = None
+    verdict_agreement: float | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+    def summary(self, eager_ips: float) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        return dict(
+            d,
+            images_per_s=self.images_per_s,
+            vs_eager=self.images_per_s / eager_ips,
+            p50_ms=self.percentile(50),
+            p90_ms=self.percentile(90),
+            p99_ms=self.percentile(99),
+        )
+
+    def compare(self, logits: np.ndarray, eager: np.ndarray, threshold: float) -> None:
+        """Parity with eager on the same images (NaN where an image failed)."""
+        ok = ~np.isnan(logits)
+        self.failed = int((~ok).sum())
+        if ok.any():
+            self.max_abs_dlogit = float(np.abs(logits[ok] - eager[ok]).max())
+            prob = 1 / (1 + np.exp(-logits[ok]))
+            eager_prob = 1 / (1 + np.exp(-eager[ok]))
+            self.verdict_agreement = float(np.mean((prob >= threshold) == (eager_prob >= threshold)))
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[bytes]:
+    """Deterministic test images shaped like ARForensics: JPEG photos of ImageNet sizes and square PNG generations."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(500, 375), (375, 500), (256, 256), (384, 384), (512, 512), (640, 480)]
+    images = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        # smooth colour fields plus noise: structure at several scales, like photos, not flat noise
+        low = rng.random((h // 32 + 2, w // 32 + 2, 3))
+        img = Image.fromarray((low * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 12, (h, w, 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        out = io.BytesIO()
+        img.save(out, format="PNG" if w == h else "JPEG", quality=90)
+        images.append(out.getvalue())
+    return images
+
+
+def _timed_batches(
+    images: list[bytes], batch: int, warmup: int, forward: Callable[[np.ndarray], np.ndarray], desc: str, sync=None
+) -> tuple[float, list[float], np.ndarray]:
+    """Preprocess + forward over `images` in batches: wall seconds, per-image latency (ms), logits."""
+    from d3qe import preprocess
+
+    def run(chunk: list[bytes]) -> np.ndarray:
+        pixels = np.stack([preprocess(b).numpy() for b in chunk])
+        out = forward(pixels)
+        if sync:
+            sync()
+        return out
+
+    for _ in range(warmup):
+        run(images[:batch])
+    logits, latencies = [], []
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", file=sys.stderr):
+        t0 = time.perf_counter()
+        logits.append(run(images[i : i + batch]).reshape(-1))
+        latencies += [1000 * (time.perf_counter() - t0)] * len(images[i : i + batch])
+    return time.perf_counter() - start, latencies, np.concatenate(logits)
+
+
+def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.ndarray]:
+    import torch
+
+    device = torch.device(profile.device)
+    model = model.to(device)
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    seconds, lat, logits = _timed_batches(images, profile.eager_batch, profile.warmup, forward, "eager fp32", sync)
+    row = Row(
+        "eager (upstream-style)", "pytorch eager", "fp32", f"batch {profile.eager_batch}", len(images), seconds, lat
+    )
+    return row, logits
+
+
+def bench_parts(repo: Path, images: list[bytes], profile: Profile) -> tuple[Row, np.ndarray]:
+    """The exported parts chained in-process, as the Triton python-backend models run them."""
+    from export.runtimes import load_part
+
+    manifest = json.loads((repo / "manifest.json").read_text())
+    runners = {p: load_part(repo, p, profile.device) for p in PARTS}
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        feeds = {"PIXELS": pixels}
+        feats = {**runners["vq_encoder"](feeds), **runners["clip_visual"](feeds)}
+        return runners["d3qe_head"](feats)["LOGIT"]
+
+    runtime, precision = describe_repo(manifest)
+    desc = f"{repo.name}: {runtime} {precision}"
+    seconds, lat, logits = _timed_batches(images, profile.runtime_batch, profile.warmup, forward, desc)
+    batch = f"batch {profile.runtime_batch}"
+    return Row(f"in-process {repo.name}", runtime, precision, batch, len(images), seconds, lat), logits
+
+
+def eager_reference(args: argparse.Namespace) -> dict:
+    """The eager model the repositories were exported from: --checkpoint, else the first manifest's seeded weights."""
+    ref = {"checkpoint": args.checkpoint, "preset": args.preset, "seed": args.seed, "freq_bias": args.freq_bias}
+    if args.repo:
+        from export.manifest import read_manifest
+
+        manifest = read_manifest(args.repo[0])
+        ref["freq_bias"] = manifest["freq_bias"]
+        if args.checkpoint is None:
+            if manifest.get("checkpoint"):
+                raise SystemExit(
+                    f"{args.repo[0]} was exported from {manifest['checkpoint']['file']}: pass --checkpoint"
+                )
+            ref.update(manifest["seeded_weights"])
+    if ref["checkpoint"]:
+        ref["description"] = f"checkpoint {ref['checkpoint']}, freq_bias {ref['freq_bias']}"
+    else:
+        ref["description"] = (
+            f"preset {ref['preset']}, seeded random weights (seed {ref['seed']}), freq_bias {ref['freq_bias']}"
+        )
+    return ref
+
+
+def describe_repo(manifest: dict) -> tuple[str, str]:
+    """'runtime' and 'precision' of an export, per part where they differ (e.g. 'onnxruntime', 'bf16/fp32/fp32')."""
+    parts = manifest["parts"]
+
+    def joined(key: str) -> str:
+        values = [str(parts[p].get(key, "?")) for p in PARTS]
+        return values[0] if len(set(values)) == 1 else "/".join(values)
+
+    return joined("runtime"), joined("precision")
+
+
+async def bench_server_level(
+    url: str, model: str, images: list[bytes], clients: int, requests: int, warmup: int, timeout: float, repo: Path
+) -> tuple[Row, np.ndarray]:
+    """`clients` concurrent callers, each sending one image per request until `requests` are done."""
+    logits = np.full(len(images), np.nan)
+    latencies: list[float] = []
+    next_request = iter(range(requests))
+    bar = tqdm(total=requests, desc=f"triton gRPC ×{clients}", unit="req", file=sys.stderr)
+    async with AsyncD3QEClient(url, model, concurrency=clients, timeout=timeout, retry=RetryPolicy(attempts=3)) as c:
+        await c.wait_until_ready(timeout)
+        for i in range(warmup):
+            await c.score_batch([(f"warmup{i}", images[i % len(images)])])
+
+        async def caller() -> None:
+            for i in next_request:
+                j = i % len(images)
+                t0 = time.perf_counter()
+                (result,) = await c.score_batch([(f"image{j}", images[j])])
+                latencies.append(1000 * (time.perf_counter() - t0))
+                if result.ok:
+                    logits[j] = result.logit
+                bar.update()
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(clients)))
+        seconds = time.perf_counter() - start
+    bar.close()
+    runtime, precision = describe_repo(json.loads((repo / "manifest.json").read_text()))
+    policy = "1 image/request, dynamic batching"
+    return Row(
+        f"triton gRPC, {clients} clients", f"triton + {runtime}", precision, policy, requests, seconds, latencies
+    ), logits
+
+
+@contextlib.contextmanager
+def served(url: str | None, repo: Path) -> Iterator[str]:
+    """The given server's URL, or a server started on `repo` on free loopback ports for the duration."""
+    if url:
+        yield url
+        return
+    from client.serve import TritonServer, free_endpoints
+
+    with TritonServer(repo, free_endpoints()) as server:
+        yield server.endpoints.grpc_url
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model_name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    cpu = model_name.group(1).strip() if model_name else platform.processor() or "unknown CPU"
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "amx": "amx_tile" in cpuinfo,
+        "avx512": "avx512f" in cpuinfo,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "device": device,
+        "platform": platform.platform(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_slug(info: dict) -> str:
+    if "gpu" in info:
+        return re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
+    return f"cpu{info['cores']}c-" + re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40].strip("-")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tritonclient", "nvidia-pytriton", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    out["d3qe-serve commit"] = commit.stdout.strip() or None
+    return out
+
+
+def server_policy(url: str, repo: Path) -> dict:
+    """Each served model's instances and batching, as the server reports its config."""
+    import tritonclient.grpc as grpcclient
+
+    policy = {}
+    with grpcclient.InferenceServerClient(url) as c:
+        policy["tritonserver"] = c.get_server_metadata(as_json=True).get("version")
+        for cfg_path in sorted(repo.glob("*/config.pbtxt")):
+            cfg = c.get_model_config(cfg_path.parent.name, as_json=True)["config"]
+            policy[cfg["name"]] = {
+                "backend": cfg.get("backend") or cfg.get("platform"),
+                "max_batch_size": cfg.get("max_batch_size", 0),
+                "instance_group": cfg.get("instance_group", []),
+                "dynamic_batching": cfg.get("dynamic_batching"),
+                "parameters": {k: v.get("string_value") for k, v in cfg.get("parameters", {}).items()},
+            }
+    return policy
+
+
+def write_report(out_dir: Path, report: dict, rows: list[Row], eager_ips: float) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "bench.md").write_text(markdown(report, rows, eager_ips))
+    plot(out_dir / "bench.png", rows, eager_ips, report["title"])
+
+
+def markdown(report: dict, rows: list[Row], eager_ips: float) -> str:
+    m, v, ref = report["machine"], report["versions"], report["model"]
+    head = [
+        f"# {report['title']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores"
+        + (f", {m['gpu']}" if "gpu" in m else ", CPU only")
+        + f"; torch threads {m['torch_threads']}. Date {report['date']}.",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        f"Model: {ref['description']}. {report['images']} distinct images (synthetic, ARForensics-like sizes); "
+        "parity is against eager fp32 on the same images.",
+        *server_lines(report["server_batch_policy"]),
+        "",
+        "| configuration | runtime | precision | batch policy | images/s | × eager | p50 ms | p90 ms | p99 ms "
+        "| max abs Δlogit | verdicts agree | failed |",
+        "|---" * 12 + "|",
+    ]
+    lines = []
+    for r in rows:
+        s = r.summary(eager_ips)
+        dlogit = "—" if s["max_abs_dlogit"] is None else f"{s['max_abs_dlogit']:.2e}"
+        agree = "—" if s["verdict_agreement"] is None else f"{100 * s['verdict_agreement']:.1f} %"
+        lines.append(
+            f"| {r.name} | {r.runtime} | {r.precision} | {r.batch_policy} | {s['images_per_s']:.3f} "
+            f"| {s['vs_eager']:.2f} | {s['p50_ms']:.0f} | {s['p90_ms']:.0f} | {s['p99_ms']:.0f} | {dlogit} "
+            f"| {agree} | {r.failed} |"
+        )
+    return "\n".join(head + lines) + "\n"
+
+
+def server_lines(policy: dict) -> list[str]:
+    """Each served model's instances, batching and threads, one line each."""
+    lines = []
+    for name, cfg in policy.items():
+        if not isinstance(cfg, dict):
+            lines.append(f"Server: Triton {cfg}.")
+            continue
+        if cfg["backend"] == "ensemble":
+            lines.append(f"- `{name}` (ensemble): max batch {cfg['max_batch_size']}")
+            continue
+        instances = ", ".join(f"{g.get('count', 1)}× {g.get('kind', '')}" for g in cfg["instance_group"])
+        batching = cfg["dynamic_batching"] or {}
+        lines.append(
+            f"- `{name}` ({cfg['backend']}): instances {instances}; max batch {cfg['max_batch_size']}; "
+            f"dynamic batching {batching.get('preferred_batch_size', '—')} "
+            f"within {batching.get('max_queue_delay_microseconds', 0)} µs; parameters {cfg['parameters'] or '—'}"
+        )
+    return lines
+
+
+def plot(path: Path, rows: list[Row], eager_ips: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    names = [r.name for r in rows]
+    y = np.arange(len(rows))
+    ax1.barh(
+        y, [r.images_per_s for r in rows], color=["#888" if r.runtime == "pytorch eager" else "#3a7" for r in rows]
+    )
+    ax1.axvline(eager_ips, color="k", ls="--", lw=1, label="eager fp32")
+    ax1.set_yticks(y, names)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("images/s (higher is better)")
+    ax1.legend()
+    for q, marker in ((50, "o"), (90, "s"), (99, "^")):
+        ax2.scatter([r.percentile(q) for r in rows], y, marker=marker, label=f"p{q}")
+    ax2.set_yticks(y, [""] * len(rows))
+    ax2.invert_yaxis()
+    ax2.set_xscale("log")
+    ax2.set_xlabel("latency per request (eager, in-process: per batch), ms (log)")
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="sizes and device for the machine")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        nargs="*",
+        default=[Path("model_repository")],
+        help="exported repositories (d3qe export --out): each runs in-process; the first is served",
+    )
+    p.add_argument("--url", help="bench this running server instead of starting one on the first --repo")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--checkpoint", help="the D³QE checkpoint the repositories were exported from (eager reference)")
+    p.add_argument("--vq-checkpoint")
+    p.add_argument("--preset", default="full", help="architecture for seeded weights when no checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
+    p.add_argument("--images", type=int, help="override the profile's image count")
+    p.add_argument("--concurrency", type=int, nargs="+", help="override the profile's client counts")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--no-server", dest="server", action="store_false", help="skip the served measurements")
+    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS}/<machine>-<date>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from d3qe import load_detector
+
+    profile = PROFILES[args.profile]
+    if args.images:
+        profile = Profile(**dict(asdict(profile), images=args.images))
+    if args.concurrency:
+        profile = Profile(**dict(asdict(profile), concurrency=tuple(args.concurrency)))
+    info = machine_info(profile.device)
+    date = datetime.date.today().isoformat()
+    out_dir = args.out or RESULTS / f"{machine_slug(info)}-{date}"
+    images = synthetic_images(profile.images)
+    threshold = DEFAULT_THRESHOLD
+
+    reference = eager_reference(args)
+    model = load_detector(
+        args.checkpoint,
+        args.vq_checkpoint,
+        preset=reference["preset"],
+        freq_bias=reference["freq_bias"],
+        seed=reference["seed"],
+    )
+    eager_row, eager_logits = bench_eager(model, images, profile)
+    eager_row.compare(eager_logits, eager_logits, threshold)
+    del model
+    if profile.device == "cuda":
+        torch.cuda.empty_cache()
+    rows = [eager_row]
+    for repo in args.repo:
+        row, logits = bench_parts(repo, images, profile)
+        row.compare(logits, eager_logits, threshold)
+        rows.append(row)
+    policy: dict = {}
+    if args.server and args.repo:
+        with served(args.url, args.repo[0]) as url:
+            policy = server_policy(url, args.repo[0])
+            for clients in profile.concurrency:
+                requests = max(profile.min_requests, clients)
+                row, logits = asyncio.run(
+                    bench_server_level(
+                        url, args.model, images, clients, requests, profile.warmup, args.timeout, args.repo[0]
+                    )
+                )
+                row.compare(logits, eager_logits, threshold)
+                rows.append(row)
+    eager_ips = eager_row.images_per_s
+    report = {
+        "title": f"d3qe bench on {machine_slug(info)}, {date}",
+        "date": date,
+        "machine": info,
+        "versions": versions(),
+        "model": reference,
+        "images": profile.images,
+        "profile": asdict(profile),
+        "repositories": [str(r) for r in args.repo],
+        "server_batch_policy": policy,
+        "rows": [r.summary(eager_ips) for r in rows],
+    }
+    write_report(out_dir, report, rows, eager_ips)
+    print(markdown(report, rows, eager_ips))
+    print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
+    return 0
