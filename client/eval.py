@@ -239,14 +239,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dataset = discover(args.dataroot)
+    try:
+        dataset = discover(args.dataroot)
+        perturbations = [None, *map(jpeg, args.jpeg_quality), *map(crop, args.crop_ratio)]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"d3qe eval: {e}", file=sys.stderr)
+        return 2
     if args.generators:
         missing = sorted(set(args.generators) - set(dataset))
         if missing:
             print(f"d3qe eval: no such generator folder(s) under {args.dataroot}: {missing}", file=sys.stderr)
             return 2
         dataset = {g: dataset[g] for g in args.generators}
-    perturbations = [None, *map(jpeg, args.jpeg_quality), *map(crop, args.crop_ratio)]
     runtime = args.url if args.runtime == "server" else "eager"
     settings: dict[str, list[Metrics]] = {}
     report = {"dataroot": str(args.dataroot), "runtime": args.runtime, "url": args.url, "settings": {}}

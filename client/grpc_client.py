@@ -1,7 +1,7 @@
 """gRPC client for the `d3qe` ensemble on Triton: sync (`D3QEClient`) and asyncio (`AsyncD3QEClient`).
 
 Both batch images into requests, keep a bounded number of requests in flight, give each request a
-deadline, retry UNAVAILABLE with capped exponential backoff, and return one `ScoreResult` per image
+timeout, retry UNAVAILABLE with capped exponential backoff, and return one `ScoreResult` per image
 in input order. A request that fails for any other reason is split in halves until the failing image
 is alone, so one bad image fails only itself. The retry/split policy is written once, as a generator
 of steps (`_score_batch`) that the sync and the async client each drive with their own I/O.
@@ -95,7 +95,7 @@ _Step = _Infer | _Sleep
 _Outcome = grpcclient.InferResult | InferenceServerException | None
 
 
-def read_item(item: Item) -> tuple[str, bytes] | ScoreResult:
+def _read_item(item: Item) -> tuple[str, bytes] | ScoreResult:
     """(source, path) → (source, file bytes); a file that cannot be read becomes its failed result."""
     source, data = item
     if isinstance(data, bytes):
@@ -113,7 +113,7 @@ def _score_batch(
     results: list[ScoreResult | None] = []
     pending: list[list[tuple[int, str, bytes]]] = [[]]
     for i, item in enumerate(items):
-        read = read_item(item)
+        read = _read_item(item)
         results.append(read if isinstance(read, ScoreResult) else None)
         if not isinstance(read, ScoreResult):
             pending[0].append((i, *read))
