@@ -93,7 +93,13 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=DEFAULT_URL, help="server: gRPC address host:port")
     p.add_argument("--model", default=DEFAULT_MODEL, help="server: the ensemble taking encoded images")
     p.add_argument("--concurrency", type=int, default=4, help="server: requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0, help="server: seconds per request")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="server: seconds to wait per request (the server still finishes it)",
+    )
+    p.add_argument("--ready-timeout", type=float, default=30.0, help="server: seconds to wait for it to be ready")
     p.add_argument(
         "--shared-memory",
         action="store_true",
@@ -128,7 +134,7 @@ def open_runtime(args: argparse.Namespace) -> Iterator[Scorer]:
         threshold=args.threshold,
         shared_memory=args.shared_memory,
     ) as client:
-        client.wait_until_ready(timeout=args.timeout)
+        client.wait_until_ready(timeout=args.ready_timeout)
         yield client.score
 
 
