@@ -274,6 +274,7 @@ def machine_info(device: str) -> dict:
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "device": device,
         "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # 1/5/15 min: was the machine idle?
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -331,7 +332,8 @@ def markdown(report: dict, rows: list[Row], eager_ips: float) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores"
         + (f", {m['gpu']}" if "gpu" in m else ", CPU only")
-        + f"; torch threads {m['torch_threads']}. Date {report['date']}.",
+        + f"; torch threads {m['torch_threads']}; load average at start {m['load_average_at_start']}. "
+        f"Date {report['date']}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         f"Model: {ref['description']}. {report['images']} distinct images (synthetic, ARForensics-like sizes); "
         "parity is against eager fp32 on the same images.",
