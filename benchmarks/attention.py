@@ -1,0 +1,186 @@
+"""D³ASA attention, softmax(q·kᵀ/√d + γ·qb·kbᵀ)·v, three ways, at D³AT's shape (8 heads of 64, L = 256):
+
+- `released`: the released code's eager form (`freq_biased_attention_math`, two [B, 8, L, L] matrices);
+- `sdpa_concat`: PyTorch SDPA on the concatenated form [q/√d, γ·qb]·[k, kb]ᵀ (concatenation included);
+- `fused`: the op as D³AT calls it, which on CUDA runs the fused Triton kernel (CUDA only).
+
+Time per call (median of torch.utils.benchmark's blocked_autorange), achieved TFLOP/s counting the three
+L×L matmuls (2·B·H·L²·(D + Db + Dv) FLOP, the same count for every method), the speed-up over
+`released` measured in the same run, and each method's max |error| against float64 math. Writes JSON
+and a plot to benchmarks/results/attention-<device>-<dtypes>.{json,png}.
+
+    python -m benchmarks.attention                    # CUDA if present (fp16, bf16), else CPU (fp32)
+    python -m benchmarks.attention --device cpu --dtypes fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+from tqdm import tqdm
+
+from d3qe.attention import freq_biased_attention, freq_biased_attention_math
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sdpa_concat(q, k, v, qb, kb, gamma):
+    scale = q.shape[-1] ** -0.5
+    queries = torch.cat([q * scale, gamma.to(q.dtype) * qb], dim=-1)
+    return F.scaled_dot_product_attention(queries, torch.cat([k, kb], dim=-1), v, scale=1.0)
+
+
+def methods(device: str) -> dict[str, Callable]:
+    table = {"released": freq_biased_attention_math, "sdpa_concat": sdpa_concat}
+    if device == "cuda":
+        table["fused"] = freq_biased_attention
+    return table
+
+
+def attention_flop(batch: int, heads: int, length: int, dim: int) -> int:
+    return 2 * batch * heads * length * length * (dim + dim + dim)  # q·kᵀ, qb·kbᵀ, P·v
+
+
+def inputs(batch: int, heads: int, length: int, dim: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(batch)
+    tensors = [torch.randn(batch, heads, length, dim, generator=gen).to(device, dtype) for _ in range(5)]
+    return (*tensors, torch.tensor([0.3], device=device))  # γ an fp32 parameter, as under autocast
+
+
+def machine(device: str) -> dict:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    info = {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "avx512": "avx512f" in cpuinfo,
+        "amx": "amx_tile" in cpuinfo,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device == "cuda":
+        import triton
+
+        info |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "triton": triton.__version__}
+    return info
+
+
+def measure(device: str, dtypes: list[str], batches: list[int], heads: int, length: int, dim: int, min_run_time: float):
+    rows = []
+    runs = [(d, b, name, fn) for d in dtypes for b in batches for name, fn in methods(device).items()]
+    for dtype_name, batch, name, fn in tqdm(runs, desc=f"attention on {device}", unit="case"):
+        args = inputs(batch, heads, length, dim, DTYPES[dtype_name], device)
+        with torch.inference_mode():
+            error = (fn(*args).double() - freq_biased_attention_math(*(a.double() for a in args))).abs().max()
+            timer = Timer("fn(*args)", globals={"fn": fn, "args": args}, num_threads=torch.get_num_threads())
+            timing = timer.blocked_autorange(min_run_time=min_run_time)
+        seconds = timing.median
+        rows.append(
+            {
+                "dtype": dtype_name,
+                "batch": batch,
+                "method": name,
+                "ms_per_call": seconds * 1e3,
+                "iqr_ms": timing.iqr * 1e3,
+                "runs": len(timing.times),
+                "tflop_per_s": attention_flop(batch, heads, length, dim) / seconds / 1e12,
+                "max_abs_error_vs_float64": error.item(),
+            }
+        )
+    for row in rows:
+        released = next(
+            r for r in rows if (r["dtype"], r["batch"], r["method"]) == (row["dtype"], row["batch"], "released")
+        )
+        row["speedup_vs_released"] = released["ms_per_call"] / row["ms_per_call"]
+    return rows
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 4), squeeze=False)
+    width = 0.8 / len(names)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        for i, name in enumerate(names):
+            picked = {r["batch"]: r for r in rows if (r["dtype"], r["method"]) == (dtype, name)}
+            xs = [j + i * width for j in range(len(batches))]
+            bars = ax.bar(xs, [picked[b]["ms_per_call"] for b in batches], width, label=name)
+            ax.bar_label(bars, [f"{picked[b]['speedup_vs_released']:.2f}×" for b in batches], fontsize=7)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batches))], [f"B={b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (log)")
+        ax.set_title(f"{dtype} (labels: speed-up over released)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: fp16 bf16 on cuda, fp32 on cpu")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed calls per case")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not cuda:
+        p.error("--device cuda: no CUDA device here")
+    dtypes = args.dtypes or (["fp16", "bf16"] if args.device == "cuda" else ["fp32"])
+
+    load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: record it
+    rows = measure(args.device, dtypes, args.batches, args.heads, args.length, args.head_dim, args.min_run_time)
+    info = machine(args.device) | {"load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+    report = {
+        "benchmark": "d3qe::freq_biased_attention",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": info,
+        "shape": {"heads": args.heads, "length": args.length, "head_dim": args.head_dim, "batches": args.batches},
+        "flop_per_call": "2·B·H·L²·(D + Db + Dv)",
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+        "not_run": {} if args.device == "cuda" else {"fused": "the fused Triton kernel runs on CUDA only"},
+        "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"attention-{args.device}-{'-'.join(dtypes)}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    where = info.get("gpu") or f"{info['cpu']}, {info['torch_threads']} threads"
+    title = f"D³ASA attention, H={args.heads}, L={args.length}, D={args.head_dim}: {where}"
+    title += "".join(f"\n{name} not run: {why}" for name, why in report["not_run"].items())
+    plot(stem.with_suffix(".png"), rows, title)
+    for r in rows:
+        print(
+            f"{r['dtype']} B={r['batch']:>3} {r['method']:<12} {r['ms_per_call']:9.3f} ms  "
+            f"{r['tflop_per_s']:7.4f} TFLOP/s  ×{r['speedup_vs_released']:.2f} vs released  "
+            f"err {r['max_abs_error_vs_float64']:.1e}"
+        )
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
