@@ -40,3 +40,23 @@ def tiny_vq_checkpoint(tiny_state, tmp_path_factory) -> Path:
     vq = {k.removeprefix("vq_model."): v for k, v in tiny_state.items() if k.startswith("vq_model.")}
     torch.save({"model": vq}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The fixture checkpoint exported by `d3qe export` (ONNX Runtime fp32): a complete Triton repository."""
+    from client.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "model_repository"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_repository, tmp_path_factory):
+    """A real tritonserver on free loopback ports serving `tiny_repository`; its log is in the session's tmp."""
+    from client.serve import TritonServer, free_endpoints
+
+    log_path = tmp_path_factory.mktemp("triton") / "server.log"
+    with log_path.open("w") as log, TritonServer(tiny_repository, free_endpoints(), log=log) as server:
+        yield server

@@ -1,0 +1,138 @@
+"""`d3qe demo`: the whole product once: export, serve, score sample images over gRPC, compare with eager, stop.
+
+Without `--checkpoint` the full-size architecture gets seeded random weights (the scores mean nothing;
+the pipeline and its numerics are the real ones). An existing export of the same weights is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from client.results import ScoreResult
+from client.serve import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny" / "images"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def reusable_export(repo: Path, args: argparse.Namespace) -> dict | None:
+    """The manifest of a validated export at `repo` of exactly these weights, with intact artifacts; else None."""
+    from export.manifest import checkpoint_record, read_manifest, sha256_file
+
+    try:
+        manifest = read_manifest(repo)
+    except (FileNotFoundError, ValueError):
+        return None
+    same_weights = (
+        manifest.get("passed")
+        and manifest["freq_bias"] == args.freq_bias
+        and manifest["checkpoint"] == checkpoint_record(args.checkpoint)
+        and manifest["vq_checkpoint"] == checkpoint_record(args.vq_checkpoint)
+        and (args.checkpoint or manifest.get("seeded_weights") == {"preset": args.preset, "seed": args.seed})
+    )
+    intact = all(
+        (repo / e["file"]).is_file() and sha256_file(repo / e["file"]) == e["sha256"]
+        for e in manifest["parts"].values()
+    )
+    return manifest if same_weights and intact else None
+
+
+def compare(served: list[ScoreResult], eager: list[ScoreResult], tolerance: float) -> tuple[float, int, bool]:
+    """Print both scores per image; returns (max |Δlogit|, verdicts agreeing, everything within tolerance)."""
+    _say(f"{'image':32} {'served logit':>13} {'eager logit':>12} {'|Δ|':>9}  verdict")
+    worst, agree, ok = 0.0, 0, True
+    for s, e in zip(served, eager, strict=True):
+        name = Path(s.source).name
+        if not (s.ok and e.ok):
+            _say(f"{name:32} ERROR: {s.error or e.error}")
+            ok = False
+            continue
+        delta = abs(s.logit - e.logit)
+        worst = max(worst, delta)
+        agree += s.verdict == e.verdict
+        same = "same" if s.verdict == e.verdict else f"DIFFERS (eager: {e.verdict})"
+        _say(f"{name:32} {s.logit:+13.6f} {e.logit:+12.6f} {delta:9.2e}  {s.verdict}, {same}")
+    return worst, agree, ok and worst <= tolerance and agree == len(served)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="the authors' D³QE .pth (default: full-size seeded random weights)")
+    p.add_argument("--vq-checkpoint", help="LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
+    p.add_argument("--preset", default="full", help="architecture for seeded weights when no checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="where the export goes")
+    p.add_argument("--images", nargs="+", type=Path, default=[SAMPLE_IMAGES], help="images or folders to score")
+    p.add_argument("--reexport", action="store_true", help="export even if the repository holds these weights")
+
+
+def run(args: argparse.Namespace) -> int:
+    from client.grpc_client import D3QEClient
+    from client.score import expand_paths, score_eager
+    from d3qe import CheckpointError, load_detector
+    from export.driver import export_repository
+    from export.repository import write_repository
+    from export.validate import TOLERANCES, ValidationError
+
+    repo = args.model_repository.resolve()
+    items = [(str(p), p) for p in expand_paths(args.images)]
+    try:
+        model = load_detector(
+            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
+        )
+    except CheckpointError as e:
+        print(f"d3qe demo: {e}", file=sys.stderr)
+        return 2
+    weights = args.checkpoint or f"seeded random weights ({args.preset}, seed {args.seed}: scores mean nothing)"
+    manifest = None if args.reexport else reusable_export(repo, args)
+    if manifest is None:
+        _say(f"[1/4] exporting {weights} to {repo} (ONNX Runtime fp32, validated against eager) …")
+        try:
+            manifest = export_repository(
+                model,
+                repo,
+                checkpoint=args.checkpoint,
+                vq_checkpoint=args.vq_checkpoint,
+                preset=args.preset,
+                seed=args.seed,
+                log=_say,
+            )
+        except ValidationError as e:
+            print(f"d3qe demo: the export failed validation:\n{e}", file=sys.stderr)
+            return 1
+    else:
+        _say(f"[1/4] {repo} already holds a validated export of {weights}: reused")
+        write_repository(repo, manifest)  # configs and python models as this version of the code writes them
+    endpoints = free_endpoints()
+    _say(f"[2/4] starting tritonserver on {endpoints.grpc_url} (gRPC) …")
+    start = time.perf_counter()
+    try:
+        with TritonServer(repo, endpoints) as server:
+            ready = time.perf_counter() - start
+            _say(f"      Triton {server.version()} ready in {ready:.0f} s: {', '.join(server.models)}")
+            _say(f"[3/4] scoring {len(items)} images through the `d3qe` ensemble over gRPC:")
+            with D3QEClient(endpoints.grpc_url) as client:
+                served = []
+                for r in client.score(items):
+                    served.append(r)
+                    result = f"logit {r.logit:+.6f}  p {r.probability:.4f}  {r.verdict}" if r.ok else f"ERROR {r.error}"
+                    _say(f"      {Path(r.source).name:32} {result}")
+            _say("      stopping the server …")
+    except ServerError as e:
+        print(f"d3qe demo: the server failed: {e}", file=sys.stderr)
+        return 1
+    _say("[4/4] the eager PyTorch model on the same images:")
+    eager = list(score_eager(model, items))
+    tolerance = TOLERANCES[manifest["precision"]].max_abs["LOGIT"]  # the export's own, per precision
+    worst, agree, ok = compare(served, eager, tolerance)
+    _say(
+        f"max |Δlogit| served vs eager: {worst:.2e} (tolerance {tolerance:g}); "
+        f"verdicts agree on {agree}/{len(items)} images — {'OK' if ok else 'MISMATCH'}"
+    )
+    return 0 if ok else 1

@@ -1,0 +1,223 @@
+"""The Triton model repository around the exported parts: configs, python-backend models, the two ensembles.
+
+Every config is built as tritonclient's `ModelConfig` protobuf message and written in its text format,
+so each field is one Triton knows. Layout written under `out_dir` (the parts' artifacts and
+`manifest.json` are the export driver's):
+
+    preprocess/    config.pbtxt, 1/model.py, warmup/image   IMAGE bytes → PIXELS
+    check_pixels/  config.pbtxt, 1/model.py                 PIXELS → CHECKED (finite, in [0, 1])
+    <part>/        config.pbtxt, 1/model.py [, configs/native.pbtxt]   vq_encoder, clip_visual, d3qe_head
+    d3qe/          config.pbtxt, 1/    IMAGE → preprocess → vq_encoder ∥ clip_visual → d3qe_head → LOGIT, PROB
+    d3qe_tensor/   config.pbtxt, 1/    PIXELS → check_pixels → the same three parts → LOGIT, PROB
+
+`configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which has the native
+`onnxruntime_onnx` and `tensorrt_plan` backends: `tritonserver --model-config-name=native` picks it up
+and falls back to `config.pbtxt` for the other models.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc.model_config_pb2 as mc
+from google.protobuf import text_format
+from PIL import Image
+from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+
+from d3qe.config import D3QEConfig
+
+SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
+PREPROCESS_SOURCE = SOURCES / "preprocess_model.py"
+CHECK_PIXELS_SOURCE = SOURCES / "check_pixels_model.py"
+PART_SOURCE = SOURCES / "part_model.py"
+PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")
+VERSION = "1"
+NATIVE_CONFIG_NAME = "native"
+NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+DEFAULT_QUEUE_DELAY_US = 2000  # a CPU batch takes ~1 s: waiting 2 ms for companions costs nothing
+WARMUP_IMAGE = "image"
+
+
+def _data_type(dtype: str) -> int:
+    return mc.DataType.Value("TYPE_" + np_to_triton_dtype(np.dtype(dtype)).replace("BYTES", "STRING"))
+
+
+def _add_tensors(fields, specs: list[dict]) -> None:
+    for t in specs:
+        fields.add(name=t["name"], data_type=_data_type(t["dtype"]), dims=list(t["shape"][1:]))
+
+
+def _preferred_batch_sizes(max_batch: int) -> list[int]:
+    sizes, b = [], 2
+    while b <= max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes or [1]
+
+
+def _batching(config: mc.ModelConfig, max_batch: int, queue_delay_us: int) -> None:
+    config.max_batch_size = max_batch
+    config.dynamic_batching.preferred_batch_size.extend(_preferred_batch_sizes(max_batch))
+    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+
+
+def _instances(config: mc.ModelConfig, device: str, count: int) -> None:
+    kind = mc.ModelInstanceGroup.KIND_GPU if device == "cuda" else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=count)
+
+
+def default_threads(instances: int) -> int:
+    """Intra-op threads per part instance: vq_encoder and clip_visual run side by side, `instances` each."""
+    return max(1, len(os.sched_getaffinity(0)) // (2 * instances))
+
+
+def part_config(
+    name: str, entry: dict, *, device: str, instances: int, threads: int, queue_delay_us: int
+) -> mc.ModelConfig:
+    """The python-backend model hosting one exported part (`entry`: the part's manifest record)."""
+    config = mc.ModelConfig(name=name, backend="python")
+    _batching(config, entry["max_batch"], queue_delay_us)
+    _add_tensors(config.input, entry["inputs"])
+    _add_tensors(config.output, entry["outputs"])
+    _instances(config, device, instances)
+    config.parameters["intra_op_threads"].string_value = str(threads)
+    warmup = config.model_warmup.add(name="zeros", batch_size=1)
+    for t in entry["inputs"]:
+        warmup.inputs[t["name"]].data_type = _data_type(t["dtype"])
+        warmup.inputs[t["name"]].dims.extend(t["shape"][1:])
+        warmup.inputs[t["name"]].zero_data = True
+    return config
+
+
+def native_config(
+    name: str, entry: dict, *, device: str, instances: int, threads: int, queue_delay_us: int
+) -> mc.ModelConfig:
+    """The same part on NVIDIA's native ONNX Runtime / TensorRT backend (not runnable with the pytriton wheel)."""
+    config = mc.ModelConfig(
+        name=name, platform=NATIVE_PLATFORMS[entry["runtime"]], default_model_filename=Path(entry["file"]).name
+    )
+    _batching(config, entry["max_batch"], queue_delay_us)
+    _add_tensors(config.input, entry["inputs"])
+    _add_tensors(config.output, entry["outputs"])
+    _instances(config, device, instances)
+    if entry["runtime"] == "onnxruntime":
+        config.parameters["intra_op_thread_count"].string_value = str(threads)
+    return config
+
+
+def preprocess_config(max_batch: int, image_size: int, queue_delay_us: int) -> mc.ModelConfig:
+    config = mc.ModelConfig(name="preprocess", backend="python")
+    _batching(config, max_batch, queue_delay_us)
+    config.input.add(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1])
+    config.output.add(name="PIXELS", data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
+    _instances(config, "cpu", 1)
+    warmup = config.model_warmup.add(name="image", batch_size=1)
+    warmup.inputs["IMAGE"].data_type = mc.TYPE_STRING
+    warmup.inputs["IMAGE"].dims.append(1)
+    warmup.inputs["IMAGE"].input_data_file = WARMUP_IMAGE
+    return config
+
+
+def check_pixels_config(max_batch: int, pixels: dict, queue_delay_us: int) -> mc.ModelConfig:
+    config = mc.ModelConfig(name="check_pixels", backend="python")
+    _batching(config, max_batch, queue_delay_us)
+    _add_tensors(config.input, [pixels])
+    _add_tensors(config.output, [dict(pixels, name="CHECKED")])
+    _instances(config, "cpu", 1)
+    return config
+
+
+def ensemble_config(name: str, entries: dict[str, dict], max_batch: int, *, from_image: bool) -> mc.ModelConfig:
+    """IMAGE → preprocess, or PIXELS → check_pixels; then vq_encoder ∥ clip_visual → d3qe_head."""
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
+    first, source, result = ("preprocess", "IMAGE", "PIXELS") if from_image else ("check_pixels", "PIXELS", "CHECKED")
+    if from_image:
+        config.input.add(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1])
+    else:
+        _add_tensors(config.input, entries["vq_encoder"]["inputs"])
+    _add_tensors(config.output, entries["d3qe_head"]["outputs"])
+    step = config.ensemble_scheduling.step.add(model_name=first, model_version=-1)
+    step.input_map[source] = source
+    step.output_map[result] = "pixels"  # ensemble-internal name; the ensemble's own input may be called PIXELS
+    for part in PART_NAMES:
+        step = config.ensemble_scheduling.step.add(model_name=part, model_version=-1)
+        for t in entries[part]["inputs"]:
+            step.input_map[t["name"]] = "pixels" if t["name"] == "PIXELS" else t["name"]
+        for t in entries[part]["outputs"]:
+            step.output_map[t["name"]] = t["name"]
+    return config
+
+
+def warmup_image(size: int) -> bytes:
+    """A PNG gradient as a serialized TYPE_STRING tensor of one element (Triton's warm-up file format)."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(rgb.transpose(1, 2, 0)).save(buf, format="PNG")
+    return serialize_byte_tensor(np.array([buf.getvalue()], dtype=np.object_)).item()
+
+
+def _write_config(path: Path, config: mc.ModelConfig) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+def _install_source(source: Path, model_dir: Path) -> Path:
+    dest = model_dir / VERSION / "model.py"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, dest)
+    return dest
+
+
+def write_repository(
+    out_dir: Path,
+    manifest: dict,
+    *,
+    native: bool = False,
+    device: str = "cpu",
+    instances: int = 1,
+    threads: int | None = None,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+) -> list[Path]:
+    """Write every config, python model and ensemble for the parts `manifest` describes; returns the files.
+
+    `device` ("cpu" or "cuda") is where the three parts run, `instances` of each; `threads` is the
+    intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    out_dir = Path(out_dir)
+    cfg = D3QEConfig.from_json(manifest["config"])
+    entries = {part: manifest["parts"][part] for part in PART_NAMES}
+    threads = threads or default_threads(instances)
+    max_batch = min(e["max_batch"] for e in entries.values())
+    options = {"device": device, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us}
+    written = []
+    for part, entry in entries.items():
+        written.append(_write_config(out_dir / part / "config.pbtxt", part_config(part, entry, **options)))
+        written.append(_install_source(PART_SOURCE, out_dir / part))
+        native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
+        if native and entry["runtime"] in NATIVE_PLATFORMS:
+            written.append(_write_config(native_path, native_config(part, entry, **options)))
+        else:
+            native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
+    pre = out_dir / "preprocess"
+    written.append(_write_config(pre / "config.pbtxt", preprocess_config(max_batch, cfg.image_size, queue_delay_us)))
+    written.append(_install_source(PREPROCESS_SOURCE, pre))
+    (pre / "warmup").mkdir(exist_ok=True)
+    (pre / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(cfg.image_size))
+    written.append(pre / "warmup" / WARMUP_IMAGE)
+    pixels = entries["vq_encoder"]["inputs"][0]
+    check = out_dir / "check_pixels"
+    written.append(_write_config(check / "config.pbtxt", check_pixels_config(max_batch, pixels, queue_delay_us)))
+    written.append(_install_source(CHECK_PIXELS_SOURCE, check))
+    for name, from_image in (("d3qe", True), ("d3qe_tensor", False)):
+        ensemble = ensemble_config(name, entries, max_batch, from_image=from_image)
+        written.append(_write_config(out_dir / name / "config.pbtxt", ensemble))
+        (out_dir / name / VERSION).mkdir(exist_ok=True)  # Triton wants a version folder, even empty, for ensembles
+    return written

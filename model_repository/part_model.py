@@ -1,0 +1,44 @@
+"""Triton python-backend model shared by `vq_encoder`, `clip_visual` and `d3qe_head`.
+
+`export.repository.write_repository` copies this file to `<repository>/<part>/1/model.py` for each
+part. The model hosts the exported artifact through `export.runtimes.load_part` (ONNX Runtime,
+TensorRT or torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
+are concatenated along the batch axis, run once and split back. Inputs were checked before they got
+here (`preprocess` decodes, `check_pixels` checks tensors from clients).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from export.runtimes import load_part
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.part = args["model_name"]
+        device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
+        threads = int(params["intra_op_threads"]) if "intra_op_threads" in params else None
+        self.runner = load_part(Path(args["model_repository"]).parent, self.part, device, threads=threads)
+        self.inputs = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def execute(self, requests: list) -> list:
+        batches = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+        feeds = {n: np.concatenate([b[n] for b in batches]) for n in self.inputs}
+        try:
+            outputs = self.runner(feeds)
+        except Exception as e:  # the runtime's message names the problem; every request of the run shares it
+            error = pb_utils.TritonError(f"{self.part} failed: {e}")
+            return [pb_utils.InferenceResponse(error=error) for _ in requests]
+        splits = np.cumsum([len(b[self.inputs[0]]) for b in batches])[:-1]
+        pieces = {n: np.split(outputs[n], splits) for n in self.outputs}
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor(n, pieces[n][k]) for n in self.outputs])
+            for k in range(len(requests))
+        ]
