@@ -9,6 +9,8 @@ import sys
 # subcommand → (module holding add_arguments/run, one-line help)
 COMMANDS = {
     "score": ("client.score", "score images: path, logit, probability, verdict"),
+    "serve": ("client.serve", "run the Triton server on an exported model repository (foreground, loopback)"),
+    "demo": ("client.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
     "eval": ("client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps"),
     "bench": ("benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton over gRPC"),
 }
