@@ -9,6 +9,7 @@ import sys
 # subcommand → (module holding add_arguments/run, one-line help)
 COMMANDS = {
     "score": ("client.score", "score images: path, logit, probability, verdict"),
+    "export": ("export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts"),
     "serve": ("client.serve", "run the Triton server on an exported model repository (foreground, loopback)"),
     "demo": ("client.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
     "eval": ("client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps"),

@@ -1,0 +1,241 @@
+"""`d3qe export`: the three parts → validated artifacts and `manifest.json`, laid out as a Triton repository."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from d3qe import D3QE, CheckpointError, ImageError, load_detector
+from d3qe.config import FREQ_BIAS_MODES, PRESETS
+from export.manifest import new_manifest, sha256_file, write_manifest
+from export.parts import PartSpec, eager_tensors, part_specs
+from export.repository import write_repository
+from export.runtimes import TORCH_DTYPES, runner_for
+from export.validate import TOLERANCES, ValidationError, validate_chain, validate_part, validation_pixels
+
+RUNTIMES = ("onnxruntime", "tensorrt", "torch")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ARTIFACTS = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": "model.safetensors"}
+VERSION = "1"
+# Where a precision is not offered, why. Measured or documented, see export/README.md.
+UNSUPPORTED = {
+    ("onnxruntime", "fp16"): "slower than fp32 on this CPU (no native fp16 GEMM: CLIP 1.17 vs 1.01 s/image), "
+    "and ORT 1.31's full graph optimisation crashes on the fp16 CLIP graph; on a GPU use --runtime tensorrt",
+    ("onnxruntime", "bf16"): "ONNX Runtime's CPU execution provider has no bfloat16 kernels (MatMul, Conv, Add)",
+    ("tensorrt", "int8"): "TensorRT int8 needs explicit Q/DQ calibration, which this export does not write",
+    ("torch", "int8"): "the torch runtime runs fp32, fp16 or bf16 modules; int8 is offered for onnxruntime",
+}
+
+
+class UnsupportedError(ValueError):
+    pass
+
+
+def check_supported(runtime: str, precision: str, device: str, plugin: bool = False) -> None:
+    if plugin and runtime != "tensorrt":
+        raise UnsupportedError("--trt-plugin: the fused-attention plugin is a TensorRT plugin; use --runtime tensorrt")
+    if (runtime, precision) in UNSUPPORTED:
+        raise UnsupportedError(f"--runtime {runtime} --precision {precision}: {UNSUPPORTED[runtime, precision]}")
+    if precision not in TOLERANCES:
+        raise UnsupportedError(f"--precision {precision}: no measured tolerance to validate it against yet")
+    if runtime == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            raise UnsupportedError("--runtime tensorrt: the `tensorrt` package is not installed (pip install tensorrt)")
+        if not device.startswith("cuda"):
+            raise UnsupportedError("--runtime tensorrt builds and validates on a GPU: pass --device cuda")
+
+
+def part_precision(spec: PartSpec, precision: str) -> str:
+    """The precision a part is exported at: int8 only where the part declares where (the rest stays fp32)."""
+    return "fp32" if precision == "int8" and not spec.int8_scopes else precision
+
+
+def _write_artifact(
+    spec: PartSpec, model: D3QE, out_dir: Path, runtime: str, precision: str, max_batch: int, plugin: bool
+) -> tuple[Path, dict]:
+    """Write one part's artifact; returns its path and the runtime-specific fields of its manifest entry."""
+    from export.onnx_export import export_onnx
+
+    path = out_dir / spec.name / VERSION / ARTIFACTS[runtime]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra: dict = {}
+    if runtime == "torch":
+        from export.torch_part import save_torch_part
+
+        save_torch_part(spec, model, path, TORCH_DTYPES[precision])
+        return path, extra
+    extra["opset"] = spec.opset
+    if runtime == "onnxruntime" and precision == "int8":
+        from export.quantize import quantize_int8
+
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            fp32 = Path(tmp) / "model.onnx"
+            export_onnx(spec, model, fp32, max_batch)
+            quantize_int8(spec, fp32, path)
+        extra["quantization"] = f"onnxruntime quantize_dynamic: MatMul/Gemm in {', '.join(spec.int8_scopes)}"
+    elif runtime == "onnxruntime":
+        export_onnx(spec, model, path, max_batch, TORCH_DTYPES[precision])
+    else:
+        from export.tensorrt import build_engine
+
+        build_dir = out_dir / spec.name / "tensorrt"  # Triton reads only the numbered version folders
+        source = build_dir / "model.onnx"
+        export_onnx(spec, model, source, max_batch, TORCH_DTYPES[precision], plugin=plugin)
+        build_engine(spec, source, path, max_batch, build_dir / "timing.cache", plugin=plugin)
+        extra.update(source_onnx=str(source.relative_to(out_dir)), plugin=plugin)
+    return path, extra
+
+
+def _summary(measured: dict[str, dict]) -> str:
+    parts = []
+    for name, r in measured.items():
+        if "agreement" in r:
+            parts.append(f"{name} {r['agreement']:.2%} equal")
+        elif "max_abs" in r:
+            parts.append(f"{name} max|Δ| {r['max_abs']:.2g}")
+        else:
+            parts.append(f"{name} {r['error']}")
+    return ", ".join(parts)
+
+
+def export_repository(
+    model: D3QE,
+    out_dir: Path,
+    *,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    max_batch: int = 8,
+    checkpoint: str | Path | None = None,
+    vq_checkpoint: str | Path | None = None,
+    preset: str = "full",
+    seed: int = 0,
+    images: Sequence[Path] = (),
+    plugin: bool = False,
+    device: str = "cpu",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Export, validate and describe the three parts of `model` under `out_dir`; returns the manifest.
+
+    Writes `manifest.json` even when validation fails (with the failures in it), then raises ValidationError.
+    """
+    check_supported(runtime, precision, device, plugin)
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = part_specs(model.cfg)
+    pixels, names = validation_pixels(images, model.cfg.image_size)
+    reference = eager_tensors(model, pixels)
+    manifest = new_manifest(
+        model,
+        checkpoint=checkpoint,
+        vq_checkpoint=vq_checkpoint,
+        preset=preset,
+        seed=seed,
+        runtime=runtime,
+        precision=precision,
+        max_batch=max_batch,
+    )
+    manifest["validation_inputs"] = names
+    runners = {}
+    for i, (name, spec) in enumerate(specs.items(), 1):
+        precision_here = part_precision(spec, precision)
+        note = "" if precision_here == precision else f" ({precision} not applied to this part, see parts.py)"
+        log(f"[{i}/{len(specs)}] {name}: writing {runtime} {precision_here}{note} …")
+        start = time.perf_counter()
+        path, extra = _write_artifact(spec, model, out_dir, runtime, precision_here, max_batch, plugin)
+        seconds = time.perf_counter() - start
+        size = path.stat().st_size
+        manifest["parts"][name] = {
+            "runtime": runtime,
+            "precision": precision_here,
+            "file": str(path.relative_to(out_dir)),
+            "sha256": sha256_file(path),
+            "bytes": size,
+            "inputs": [t.as_dict() for t in spec.inputs],
+            "outputs": [t.as_dict() for t in spec.outputs],
+            "dynamic_axes": spec.dynamic_axes(),
+            "max_batch": max_batch,
+            "export_seconds": round(seconds, 1),
+            **extra,
+        }
+        log(f"      {path.relative_to(out_dir)}: {size / 1e6:.1f} MB in {seconds:.1f} s; validating …")
+        runners[name] = runner_for(out_dir, manifest, name, device)
+        result = validate_part(runners[name], spec, reference, TOLERANCES[precision_here], max_batch)
+        manifest["parts"][name]["validation"] = result
+        verdict = "ok" if result["passed"] else "FAILED: " + "; ".join(result["problems"])
+        log(f"      batches {', '.join(result['batches'])}: {_summary(result['worst'])} — {verdict}")
+    log(f"end to end: {len(pixels)} images through the three artifacts …")
+    chain = validate_chain(runners, specs, reference, TOLERANCES[precision], max_batch)
+    manifest["end_to_end"] = chain
+    log(f"      {_summary(chain['measured'])} — {'ok' if chain['passed'] else 'FAILED'}")
+    failures = [f"{n}: {p}" for n, e in manifest["parts"].items() for p in e["validation"]["problems"]]
+    failures += [f"end to end: {p}" for p in chain["problems"]]
+    manifest["passed"] = not failures
+    write_manifest(out_dir, manifest)
+    if failures:
+        raise ValidationError(
+            f"the {runtime} {precision} export in {out_dir} is beyond tolerance (see its manifest.json):\n  "
+            + "\n  ".join(failures)
+        )
+    write_repository(out_dir, manifest, device="cuda" if device.startswith("cuda") else "cpu")
+    return manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="the authors' D³QE .pth, or our .safetensors inference weights")
+    p.add_argument("--vq-checkpoint", help="LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="sizes for seeded weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights without a checkpoint")
+    p.add_argument("--freq-bias", choices=FREQ_BIAS_MODES, default="reference")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take")
+    p.add_argument("--out", type=Path, default=Path("model_repository"), help="the Triton repository to write")
+    p.add_argument(
+        "--images", nargs="*", type=Path, default=[], help="up to 8 images to validate on, besides seeded pixels"
+    )
+    p.add_argument("--device", default="cpu", help="where validation runs: cpu, cuda, cuda:N")
+    p.add_argument(
+        "--trt-plugin",
+        action="store_true",
+        help="TensorRT: D³AT attention through the fused-kernel plugin (export/tensorrt_plugin.py)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        model = load_detector(
+            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
+        )
+        manifest = export_repository(
+            model,
+            args.out,
+            runtime=args.runtime,
+            precision=args.precision,
+            max_batch=args.max_batch,
+            checkpoint=args.checkpoint,
+            vq_checkpoint=args.vq_checkpoint,
+            preset=args.preset,
+            seed=args.seed,
+            images=args.images,
+            plugin=args.trt_plugin,
+            device=args.device,
+            log=log,
+        )
+    except ValidationError as e:
+        log(f"d3qe export: VALIDATION FAILED\n{e}")
+        return 1
+    except (UnsupportedError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
+        log(f"d3qe export: {e}")
+        return 2
+    log(f"wrote {args.out / 'manifest.json'}: {len(manifest['parts'])} parts, validated")
+    return 0

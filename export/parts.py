@@ -1,0 +1,191 @@
+"""The three parts the Triton ensemble runs, each declared once (the Optimum way).
+
+A part declares its input and output tensors (name, dtype, shape with a symbolic batch axis), the
+ONNX opset, which outputs must agree exactly (code indices), which D³QE state-dict keys it reads,
+and the `nn.Module` wrapper that exposes it over a loaded `D3QE`. Everything else (ONNX export,
+validation, manifests, Triton configs, runners) reads these declarations.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from d3qe import D3QE
+from d3qe.config import D3QEConfig
+
+BATCH = "batch"  # the symbolic batch axis, axis 0 of every tensor
+OPSET = 18  # export/onnx_attention.py writes opset-18 onnxscript
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # BATCH first
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else d for d in self.shape)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d == BATCH else d for d in self.shape]}
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` itself in fp32; a copy in another dtype, so the loaded model stays as it is."""
+    return module if dtype == torch.float32 else copy.deepcopy(module).to(dtype)
+
+
+class VQEncoder(nn.Module):
+    """PIXELS [B, 3, 256, 256] in [0, 1] → RESIDUAL [B, 8, 16, 16], INDICES [B, 256] int64.
+
+    The encoder runs in `dtype`; the nearest-code search over the codebook always runs in fp32.
+    """
+
+    def __init__(self, model: D3QE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.encoder = _in_dtype(model.vq_model.encoder, dtype)
+        self.quant_conv = _in_dtype(model.vq_model.quant_conv, dtype)
+        self.quantize = model.vq_model.quantize
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.quant_conv(self.encoder(pixels.to(self.dtype)))
+        return self.quantize(z.float())
+
+
+class CLIPVisual(nn.Module):
+    """PIXELS [B, 3, 256, 256] in [0, 1] → CLIP_FEAT [B, 768] (224 crop and CLIP normalisation inside)."""
+
+    def __init__(self, model: D3QE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.clip_model = _in_dtype(model.clip_model, dtype)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clip_model(pixels.to(self.dtype)).float()
+
+
+class D3QEHead(nn.Module):
+    """RESIDUAL, INDICES, CLIP_FEAT → LOGIT [B, 1], PROB [B, 1] = sigmoid(LOGIT).
+
+    Holds the detector's head submodules and codebook counts under their D³QE names and runs
+    `D3QE.classify` itself, so the frequency lookup (`stats` mode) is inside the exported graph.
+    The lookup stays fp32 (the counts sum to more than fp16 holds); the rest runs in `dtype`.
+    """
+
+    classify = D3QE.classify
+
+    def __init__(self, model: D3QE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.freq_bias = model.freq_bias
+        for name in ("feature_processor", "feature_pooler", "mixed_proj", "clip_proj", "fc"):
+            setattr(self, name, _in_dtype(getattr(model, name), dtype))
+        self.register_buffer("real_codebook_count", model.real_codebook_count)
+        self.register_buffer("fake_codebook_count", model.fake_codebook_count)
+
+    def token_frequency(self, indices: torch.Tensor) -> torch.Tensor:
+        return D3QE.token_frequency(self, indices).to(self.dtype)
+
+    def forward(
+        self, residual: torch.Tensor, indices: torch.Tensor, clip_feat: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logit = self.classify(residual.to(self.dtype), indices, clip_feat.to(self.dtype)).float()
+        return logit, torch.sigmoid(logit)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    name: str
+    wrapper: type[nn.Module]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    exact_outputs: tuple[str, ...] = ()  # compared for equality, not closeness
+    # Modules whose MatMul/Gemm ONNX Runtime int8-quantises; none: the part stays fp32 at --precision int8.
+    int8_scopes: tuple[str, ...] = ()
+    opset: int = OPSET
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def module(self, model: D3QE, dtype: torch.dtype = torch.float32) -> nn.Module:
+        return self.wrapper(model, dtype).eval()
+
+    def dynamic_shapes(self, max_batch: int) -> tuple[dict[int, torch.export.Dim], ...]:
+        """For `torch.onnx.export(dynamo=True)`: axis 0 of every input is one shared batch dimension."""
+        batch = torch.export.Dim(BATCH, min=1, max=max_batch)
+        return tuple({0: batch} for _ in self.inputs)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {0: BATCH} for t in (*self.inputs, *self.outputs)}
+
+    def random_inputs(self, cfg: D3QEConfig, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Inputs of the declared shapes and dtypes (for tracing; validation uses real pixels)."""
+        gen = torch.Generator().manual_seed(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = t.concrete_shape(batch)
+            if t.dtype == "int64":
+                feeds[t.name] = torch.randint(0, cfg.vq.codebook_size, shape, generator=gen)
+            else:
+                feeds[t.name] = torch.rand(shape, generator=gen)
+        return feeds
+
+
+def _pixels(cfg: D3QEConfig) -> TensorSpec:
+    return TensorSpec("PIXELS", "float32", (BATCH, 3, cfg.image_size, cfg.image_size))
+
+
+def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
+    """The parts in the order the ensemble runs them, shaped for `cfg`."""
+    grid = cfg.image_size // 16  # VQ-16 downsamples by 16
+    residual = TensorSpec("RESIDUAL", "float32", (BATCH, cfg.vq.codebook_dim, grid, grid))
+    indices = TensorSpec("INDICES", "int64", (BATCH, grid * grid))
+    clip_feat = TensorSpec("CLIP_FEAT", "float32", (BATCH, cfg.clip.output_dim))
+    parts = [
+        PartSpec(
+            "vq_encoder",
+            VQEncoder,
+            (_pixels(cfg),),
+            (residual, indices),
+            exact_outputs=("INDICES",),
+            # No int8: its convolutions as static QDQ ran 1.6x faster but changed 40 % of the code indices.
+        ),
+        PartSpec("clip_visual", CLIPVisual, (_pixels(cfg),), (clip_feat,), int8_scopes=("clip_model.visual",)),
+        PartSpec(
+            "d3qe_head",
+            D3QEHead,
+            (residual, indices, clip_feat),
+            (TensorSpec("LOGIT", "float32", (BATCH, 1)), TensorSpec("PROB", "float32", (BATCH, 1))),
+            # No int8: the head is ~1 % of the time, and int8 added ~0.05 to the fixture's logits.
+        ),
+    ]
+    return {p.name: p for p in parts}
+
+
+PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")
+
+
+def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor of the ensemble, computed by the eager model: what each part is validated against."""
+    with torch.inference_mode():
+        residual, indices = model.vq_model(pixels)
+        clip_feat = model.clip_model(pixels)
+        logit = model.classify(residual, indices, clip_feat)
+    return {
+        "PIXELS": pixels,
+        "RESIDUAL": residual,
+        "INDICES": indices,
+        "CLIP_FEAT": clip_feat,
+        "LOGIT": logit,
+        "PROB": torch.sigmoid(logit),
+    }

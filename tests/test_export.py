@@ -1,0 +1,198 @@
+"""`d3qe export` on the tiny fixture checkpoint: artifacts, manifest, validation, and the fixture's own logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import d3qe
+from client.cli import main
+from export.driver import export_repository
+from export.manifest import read_manifest, sha256_file
+from export.onnx_export import export_onnx
+from export.parts import PART_NAMES, part_specs
+from export.quantize import nodes_in_scopes, quantize_int8
+from export.runtimes import OnnxRuntimeRunner, load_part
+from export.validate import TOLERANCES, ValidationError
+
+LOGIT_TOL = 1e-4  # fixtures/REFERENCE.md: fp32 CPU implementation
+
+
+def run_chain(runners: dict, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """PIXELS through vq_encoder and clip_visual into d3qe_head, as the ensemble wires them."""
+    tensors = {"PIXELS": pixels}
+    for part in PART_NAMES:
+        tensors.update(runners[part]({n: tensors[n] for n in runners[part].input_names}))
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def fixture_pixels(fixture_images) -> np.ndarray:
+    return torch.stack([d3qe.preprocess(p) for p in fixture_images]).numpy()
+
+
+@pytest.fixture(scope="session")
+def onnx_repo(tiny_checkpoint, fixture_images, tmp_path_factory):
+    """The tiny fixture checkpoint exported once per session, `stats` mode (frequency lookup in the head)."""
+    out = tmp_path_factory.mktemp("repo")
+    argv = ["export", "--checkpoint", str(tiny_checkpoint), "--freq-bias", "stats", "--out", str(out)]
+    assert main([*argv, "--max-batch", "8", "--images", *map(str, fixture_images[:4])]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_runners(onnx_repo) -> dict:
+    return {part: load_part(onnx_repo, part) for part in PART_NAMES}
+
+
+def test_manifest_records_validated_artifacts(onnx_repo, tiny_checkpoint):
+    manifest = read_manifest(onnx_repo)
+    assert manifest["passed"] and manifest["runtime"] == "onnxruntime" and manifest["precision"] == "fp32"
+    assert manifest["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= manifest["tools"].keys()
+    assert d3qe.D3QEConfig.from_json(manifest["config"]) == d3qe.PRESETS["tiny"]
+    assert manifest["freq_bias"] == "stats"
+    for part in PART_NAMES:
+        entry = manifest["parts"][part]
+        assert entry["file"] == f"{part}/1/model.onnx"
+        assert entry["sha256"] == sha256_file(onnx_repo / entry["file"])
+        validation = entry["validation"]
+        assert validation["passed"] and sorted(validation["batches"], key=int) == ["1", "3", "8"]
+        assert validation["tolerance"] == TOLERANCES["fp32"].as_dict()
+        for output in entry["outputs"]:
+            measured = validation["worst"][output["name"]]
+            if output["dtype"] == "int64":
+                assert measured["agreement"] == 1.0
+            else:
+                assert measured["max_abs"] <= 1e-4
+    assert manifest["end_to_end"]["passed"] and manifest["end_to_end"]["measured"]["INDICES"]["agreement"] == 1.0
+
+
+def test_onnx_graphs_have_declared_io_and_dynamic_batch(onnx_repo):
+    specs = part_specs(d3qe.PRESETS["tiny"])
+    for part, spec in specs.items():
+        graph = onnx.load(onnx_repo / part / "1" / "model.onnx", load_external_data=False).graph
+        for declared, actual in ((spec.inputs, graph.input), (spec.outputs, graph.output)):
+            assert [t.name for t in actual] == [t.name for t in declared]
+            for d, a in zip(declared, actual, strict=True):
+                dims = a.type.tensor_type.shape.dim
+                assert dims[0].dim_param and not dims[0].dim_value  # symbolic batch axis
+                assert [x.dim_value for x in dims[1:]] == list(d.shape[1:])
+                assert onnx.helper.tensor_dtype_to_np_dtype(a.type.tensor_type.elem_type) == np.dtype(d.dtype)
+
+
+def test_fixture_logits_reproduced_through_onnxruntime(onnx_runners, expected, fixture_pixels):
+    for pixels, prefix in ((expected["x"], "x"), (fixture_pixels, "image")):
+        out = run_chain(onnx_runners, pixels)
+        np.testing.assert_array_equal(out["INDICES"], expected[f"{prefix}_indices"])
+        np.testing.assert_allclose(out["LOGIT"], expected[f"{prefix}_logits_stats"], rtol=0, atol=LOGIT_TOL)
+        np.testing.assert_allclose(out["PROB"], 1 / (1 + np.exp(-out["LOGIT"])), rtol=0, atol=1e-6)
+
+
+def test_reference_mode_head_keeps_indices_input(tiny_checkpoint, onnx_runners, expected, tmp_path):
+    """In `reference` mode the indices do not change the logit, but the ensemble still feeds them."""
+    model = d3qe.load_detector(tiny_checkpoint, freq_bias="reference")
+    spec = part_specs(model.cfg)["d3qe_head"]
+    path = tmp_path / "head.onnx"
+    export_onnx(spec, model, path, max_batch=8)
+    entry = {"inputs": [t.as_dict() for t in spec.inputs], "outputs": [t.as_dict() for t in spec.outputs]}
+    head = OnnxRuntimeRunner("d3qe_head", {**entry, "max_batch": 8}, path)
+    assert head.session.get_inputs()[1].name == "INDICES"
+    out = run_chain({**onnx_runners, "d3qe_head": head}, expected["x"])
+    np.testing.assert_allclose(out["LOGIT"], expected["x_logits_reference"], rtol=0, atol=LOGIT_TOL)
+    shuffled = {**out, "INDICES": out["INDICES"][:, ::-1].copy()}
+    feeds = {n: shuffled[n] for n in head.input_names}
+    np.testing.assert_allclose(head(feeds)["LOGIT"], out["LOGIT"], rtol=0, atol=1e-6)
+    assert np.abs(onnx_runners["d3qe_head"](feeds)["LOGIT"] - out["LOGIT"]).max() > 1e-4  # stats mode reads them
+
+
+def test_runner_takes_every_batch_up_to_max_and_names_bad_inputs(onnx_runners, expected):
+    vq = onnx_runners["vq_encoder"]
+    x = np.concatenate([expected["x"]] * 3)  # 9 images
+    assert vq({"PIXELS": x[:2]})["INDICES"].shape == (2, 256)
+    with pytest.raises(ValueError, match="batch of 9; this export takes 1 to 8"):
+        vq({"PIXELS": x})
+    with pytest.raises(ValueError, match="PIXELS has dtype float64, expected float32"):
+        vq({"PIXELS": x[:1].astype(np.float64)})
+    with pytest.raises(ValueError, match=r"PIXELS has shape \[1, 3, 224, 224\]"):
+        vq({"PIXELS": x[:1, :, :224, :224]})
+    head = onnx_runners["d3qe_head"]
+    with pytest.raises(ValueError, match="missing input CLIP_FEAT"):
+        head({"RESIDUAL": np.zeros((1, 8, 16, 16), np.float32), "INDICES": np.zeros((1, 256), np.int64)})
+
+
+def test_int8_quantises_only_clips_transformer(onnx_repo, onnx_runners, expected, fixture_pixels, tmp_path):
+    """int8 touches MatMul/Gemm inside CLIP's visual tower only; code indices and the head stay fp32."""
+    specs = part_specs(d3qe.PRESETS["tiny"])
+    assert [p for p, spec in specs.items() if spec.int8_scopes] == ["clip_visual"]
+    vq = onnx.load(onnx_repo / "vq_encoder" / "1" / "model.onnx")
+    in_encoder = set(nodes_in_scopes(vq, ["encoder"]))
+    convs = [n.name for n in vq.graph.node if n.op_type == "Conv"]
+    assert in_encoder >= set(convs[:-1]) and convs[-1] not in in_encoder  # the last one is quant_conv
+    assert not in_encoder & {n.name for n in vq.graph.node if n.op_type == "ArgMin"}
+    path = tmp_path / "clip_int8.onnx"
+    quantize_int8(specs["clip_visual"], onnx_repo / "clip_visual" / "1" / "model.onnx", path)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(path).graph.node)
+    entry = read_manifest(onnx_repo)["parts"]["clip_visual"]
+    int8 = run_chain({**onnx_runners, "clip_visual": OnnxRuntimeRunner("clip_visual", entry, path)}, fixture_pixels)
+    tolerance = TOLERANCES["int8"]
+    np.testing.assert_array_equal(int8["INDICES"], expected["image_indices"])
+    assert np.abs(int8["LOGIT"] - expected["image_logits_stats"]).max() <= tolerance.max_abs["LOGIT"]
+    assert np.abs(int8["LOGIT"] - expected["image_logits_stats"]).max() > LOGIT_TOL  # it did quantise
+
+
+def test_torch_runtime_rebuilds_parts_from_safetensors(tiny_checkpoint, expected, tmp_path):
+    model = d3qe.load_detector(tiny_checkpoint, freq_bias="stats")
+    manifest = export_repository(model, tmp_path, runtime="torch", checkpoint=tiny_checkpoint, log=lambda _: None)
+    assert manifest["passed"]
+    for part in PART_NAMES:
+        weights = tmp_path / part / "1" / "model.safetensors"
+        assert manifest["parts"][part]["file"] == f"{part}/1/model.safetensors"
+        assert weights.read_bytes()[8:9] == b"{"  # a safetensors JSON header, no pickle
+    out = run_chain({part: load_part(tmp_path, part) for part in PART_NAMES}, expected["x"])
+    np.testing.assert_array_equal(out["INDICES"], expected["x_indices"])
+    np.testing.assert_allclose(out["LOGIT"], expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
+
+
+def test_export_beyond_tolerance_fails_loudly(tiny_checkpoint, tmp_path, monkeypatch):
+    """int8 held to fp32's tolerance: the export raises, the manifest says why, and nothing serves it."""
+    monkeypatch.setitem(TOLERANCES, "int8", TOLERANCES["fp32"])
+    model = d3qe.load_detector(tiny_checkpoint)
+    with pytest.raises(ValidationError, match=r"clip_visual: CLIP_FEAT: max \|Δ\| .* > tolerance 0.0001"):
+        export_repository(model, tmp_path, precision="int8", max_batch=4, log=lambda _: None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["passed"] is False
+    parts = manifest["parts"]
+    assert [parts[p]["precision"] for p in PART_NAMES] == ["fp32", "int8", "fp32"]  # int8 only where declared
+    assert [parts[p]["validation"]["passed"] for p in PART_NAMES] == [True, False, True]
+    assert sorted(parts["vq_encoder"]["validation"]["batches"], key=int) == ["1", "3", "4"]
+    assert not (tmp_path / "d3qe" / "config.pbtxt").exists()  # no Triton repository around failed artifacts
+    with pytest.raises(ValueError, match="failed validation"):
+        load_part(tmp_path, "clip_visual")
+
+
+def test_unsupported_precision_is_refused_before_exporting(tiny_checkpoint, tmp_path, capsys):
+    argv = ["export", "--checkpoint", str(tiny_checkpoint), "--runtime", "onnxruntime", "--precision", "bf16"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    assert "no bfloat16 kernels" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="TensorRT is not installable here (shared/NOTES.md) and needs a CUDA GPU; the engine path is unverified",
+)
+def test_tensorrt_engines_reproduce_fixture(tiny_checkpoint, expected, tmp_path):
+    model = d3qe.load_detector(tiny_checkpoint, freq_bias="stats")
+    manifest = export_repository(
+        model, tmp_path, runtime="tensorrt", precision="fp32", device="cuda", log=lambda _: None
+    )
+    assert manifest["passed"]
+    out = run_chain({part: load_part(tmp_path, part, "cuda") for part in PART_NAMES}, expected["x"])
+    np.testing.assert_array_equal(out["INDICES"], expected["x_indices"])
+    np.testing.assert_allclose(out["LOGIT"], expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
