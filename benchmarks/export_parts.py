@@ -1,0 +1,187 @@
+"""Per-part speed of exported artifacts against the eager part, measured in the same run.
+
+    python -m benchmarks.export_parts --repo model_repository /tmp/int8 [--checkpoint PATH] [--batches 1 8]
+
+Each repository (written by `d3qe export`) is run part by part in-process through
+`export.runtimes.load_part`; the eager fp32 part of the model they were exported from is timed in
+the same loop, interleaved with them, so load from other processes hits both alike. Prints ms/image
+and the ratio to eager per part and batch, with each export's size, export time and measured
+error from its manifest; writes `export_parts.json` and `export_parts.png` under
+`benchmarks/results/<machine>-<date>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.bench import RESULTS, machine_info, machine_slug, versions
+from d3qe import load_detector
+from export.manifest import read_manifest
+from export.parts import PART_NAMES, eager_tensors, part_specs
+from export.runtimes import load_part
+from export.validate import synthetic_pixels
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _export_summary(manifest: dict) -> dict:
+    parts = {}
+    for part, entry in manifest["parts"].items():
+        parts[part] = {
+            "bytes": entry["bytes"],
+            "export_seconds": entry["export_seconds"],
+            "worst": entry["validation"]["worst"],
+        }
+    return {
+        "runtime": manifest["runtime"],
+        "precision": manifest["precision"],
+        "parts": parts,
+        "end_to_end": manifest["end_to_end"]["measured"],
+    }
+
+
+def _plot(rows: list[dict], batches: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches, strict=True):
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            ms = [
+                next(
+                    r["ms_per_image"]
+                    for r in rows
+                    if r["part"] == p and r["variant"] == variant and r["batch"] == batch
+                )
+                for p in PART_NAMES
+            ]
+            ax.bar(np.arange(len(PART_NAMES)) + i * width, ms, width, label=variant)
+        ax.set_xticks(np.arange(len(PART_NAMES)) + width * (len(variants) - 1) / 2, PART_NAMES)
+        ax.set_ylabel("ms / image (median)")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", nargs="+", type=Path, required=True, help="repositories written by `d3qe export`")
+    p.add_argument("--checkpoint", help="the checkpoint the repositories were exported from (else their seed)")
+    p.add_argument("--vq-checkpoint")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per part, variant and batch (after a warm-up)")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
+    args = p.parse_args(argv)
+
+    manifests = {str(repo): read_manifest(repo) for repo in args.repo}
+    first = manifests[str(args.repo[0])]
+    seeded = first.get("seeded_weights", {})
+    if first["checkpoint"] and not args.checkpoint:
+        p.error(f"{args.repo[0]} was exported from {first['checkpoint']['file']}: pass --checkpoint")
+    model = load_detector(
+        args.checkpoint,
+        args.vq_checkpoint,
+        preset=seeded.get("preset", "full"),
+        seed=seeded.get("seed", 0),
+        freq_bias=first["freq_bias"],
+    )
+    specs = part_specs(model.cfg)
+    pixels = synthetic_pixels(max(args.batches), model.cfg.image_size)
+    tensors = eager_tensors(model, pixels)
+    variants = {"eager": {part: spec.module(model) for part, spec in specs.items()}}
+    for repo, manifest in manifests.items():
+        label = f"{Path(repo).name}: {manifest['runtime']} {manifest['precision']}"
+        variants[label] = {part: load_part(Path(repo), part) for part in PART_NAMES}
+
+    load_before = os.getloadavg()
+    timings: dict[tuple[str, str, int], list[float]] = {}
+    for part, spec in specs.items():
+        for batch in args.batches:
+            torch_args = [tensors[n][:batch] for n in spec.input_names]
+            feeds = {n: tensors[n][:batch].numpy() for n in spec.input_names}
+            calls = {
+                name: partial(parts[part], *torch_args) if name == "eager" else partial(parts[part], feeds)
+                for name, parts in variants.items()
+            }
+            with torch.inference_mode():
+                for fn in calls.values():
+                    fn()  # warm-up
+                for _ in range(args.repeats):  # interleaved: drift and neighbours' load hit every variant alike
+                    for name, fn in calls.items():
+                        timings.setdefault((part, name, batch), []).append(_seconds(fn) / batch)
+            print(f"{part} batch {batch}: timed", flush=True)
+    load_after = os.getloadavg()
+
+    rows = []
+    for (part, name, batch), seconds in timings.items():
+        eager = statistics.median(timings[part, "eager", batch])
+        ms = statistics.median(seconds) * 1e3
+        rows.append(
+            {
+                "part": part,
+                "variant": name,
+                "batch": batch,
+                "ms_per_image": round(ms, 2),
+                "ms_per_image_min": round(min(seconds) * 1e3, 2),
+                "speedup_vs_eager": round(eager * 1e3 / ms, 3),
+            }
+        )
+    info = machine_info("cpu")
+    date = datetime.date.today().isoformat()
+    out_dir = args.out or RESULTS / f"{machine_slug(info)}-{date}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"exported parts vs eager, {info['cpu']} ({info['cores']} cores), {date}"
+    report = {
+        "title": title,
+        "machine": info,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_before_after": [load_before, load_after],
+        "repeats": args.repeats,
+        "rows": rows,
+        "exports": {repo: _export_summary(m) for repo, m in manifests.items()},
+    }
+    (out_dir / "export_parts.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(rows, args.batches, out_dir / "export_parts.png", title)
+
+    print(f"\n{title}; load average {load_before[0]:.1f} → {load_after[0]:.1f}")
+    print(f"{'part':12s} {'variant':38s} {'batch':>5s} {'ms/img':>9s} {'× eager':>8s}")
+    for r in sorted(rows, key=lambda r: (PART_NAMES.index(r["part"]), r["batch"])):
+        print(
+            f"{r['part']:12s} {r['variant']:38s} {r['batch']:5d} {r['ms_per_image']:9.1f} {r['speedup_vs_eager']:8.2f}"
+        )
+    print(f"\n{'export':38s} {'part':12s} {'MB':>8s} {'export s':>9s}  worst error vs eager")
+    for repo, m in manifests.items():
+        for part, entry in m["parts"].items():
+            worst = ", ".join(
+                f"{k} {v['agreement']:.2%}" if "agreement" in v else f"{k} {v['max_abs']:.2g}"
+                for k, v in entry["validation"]["worst"].items()
+            )
+            size, secs = entry["bytes"] / 1e6, entry["export_seconds"]
+            print(f"{Path(repo).name + ' ' + m['precision']:38s} {part:12s} {size:8.1f} {secs:9.1f}  {worst}")
+    print(f"\nwrote {out_dir / 'export_parts.json'} and export_parts.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
