@@ -43,7 +43,8 @@ PLUGIN_OP = Op(Opset(PLUGIN_NAMESPACE, 1), PLUGIN_NAME, PLUGIN_SCHEMA)
 
 def freq_biased_attention_onnx(q, k, v, qb, kb, gamma):
     gamma = op.CastLike(gamma, q)  # an fp32 parameter beside fp16 activations in a reduced-precision export
-    scale = op.Div(op.Constant(value_float=1.0), op.Sqrt(op.CastLike(op.Shape(q, start=-1), gamma)))
+    one = op.CastLike(op.Constant(value_float=1.0), gamma)
+    scale = op.Div(one, op.Sqrt(op.CastLike(op.Shape(q, start=-1), gamma)))
     queries = op.Concat(op.Mul(q, scale), op.Mul(qb, gamma), axis=-1)
     keys = op.Concat(k, kb, axis=-1)
     logits = op.MatMul(queries, op.Transpose(keys, perm=[0, 1, 3, 2]))

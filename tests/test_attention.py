@@ -287,11 +287,11 @@ class _Attention(torch.nn.Module):
 ONNX_INPUTS = ["q", "k", "v", "qb", "kb"]
 
 
-def _export(path: Path, **table_options) -> onnx.ModelProto:
+def _export(path: Path, dtype: torch.dtype = torch.float32, **table_options) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.onnx.export(
         _Attention().eval(),
-        attention_inputs(2, 77)[:5],
+        tuple(t.to(dtype) for t in attention_inputs(2, 77)[:5]),
         dynamo=True,
         input_names=ONNX_INPUTS,
         output_names=["out"],
@@ -311,6 +311,16 @@ def test_onnx_decomposition_equals_the_op_in_onnxruntime(tmp_path):
     inputs = attention_inputs(3, 77, seed=5)  # another batch than the traced one
     (out,) = session.run(None, {name: t.numpy() for name, t in zip(ONNX_INPUTS, inputs, strict=False)})
     assert max_error(torch.from_numpy(out), inputs) <= FP32_TOL
+
+
+def test_onnx_decomposition_in_fp16_loads_and_runs(tmp_path):
+    """A reduced-precision export keeps one dtype through the scale (no fp32 constant beside fp16)."""
+    _export(tmp_path / "attention16.onnx", dtype=torch.float16)
+    session = ort.InferenceSession(str(tmp_path / "attention16.onnx"), providers=["CPUExecutionProvider"])
+    inputs = attention_inputs(3, 77, seed=5)
+    (out,) = session.run(None, {name: t.half().numpy() for name, t in zip(ONNX_INPUTS, inputs, strict=False)})
+    assert out.dtype == np.float16
+    assert max_error(torch.from_numpy(out).float(), inputs) <= 1e-2
 
 
 def test_onnx_plugin_node(tmp_path):
