@@ -142,3 +142,23 @@ def test_jpeg_recompression_loses_more_at_lower_quality(fixture_images):
         assert img.format == "JPEG" and img.size == (400, 300)
         errors.append(np.abs(np.asarray(img, dtype=np.float64) - original).mean())
     assert errors[0] < errors[1] < errors[2]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_eval_through_the_server_equals_eager(eager_report, tiny_server, labelled_folder, tmp_path):
+    args = ["--dataroot", str(labelled_folder), "--url", tiny_server.endpoints.grpc_url]
+    code, served = run_eval([*args, "--jpeg-quality", "75", "--crop-ratio", "0.6"], tmp_path / "served.json")
+    _, eager = eager_report
+    assert code == 1
+    assert served["settings"].keys() == eager["settings"].keys()
+    for setting in eager["settings"]:
+        want, got = metrics_by_gen(eager, setting), metrics_by_gen(served, setting)
+        for gen in ("genA", "genB", "mean"):
+            for key in ("n_real", "n_fake", "failed", "acc", "ap", "r_acc", "f_acc"):
+                assert got[gen][key] == pytest.approx(want[gen][key], abs=1e-9), (setting, gen, key)
+        for gen, images in eager["settings"][setting]["images"].items():
+            for e, s in zip(images, served["settings"][setting]["images"][gen], strict=True):
+                assert e["source"] == s["source"] and (e["error"] is None) == (s["error"] is None)
+                if e["error"] is None:
+                    assert abs(e["logit"] - s["logit"]) < 1e-4

@@ -1,0 +1,35 @@
+"""`d3qe bench` end to end on the fixture export: every configuration agrees with eager; the reports are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from client.cli import main
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+def test_bench_writes_reports_and_every_configuration_matches_eager(
+    tiny_repository, tiny_server, tiny_checkpoint, tmp_path
+):
+    out = tmp_path / "results"
+    args = ["bench", "--repo", str(tiny_repository), "--checkpoint", str(tiny_checkpoint), "--images", "3"]
+    assert main([*args, "--concurrency", "1", "2", "--url", tiny_server.endpoints.grpc_url, "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == [
+        "eager (upstream-style)",
+        f"in-process {tiny_repository.name}",
+        "triton gRPC, 1 clients",
+        "triton gRPC, 2 clients",
+    ]
+    for row in report["rows"]:
+        assert row["failed"] == 0 and row["images_per_s"] > 0
+        assert row["max_abs_dlogit"] < 1e-4 and row["verdict_agreement"] == 1.0  # the fixture's fp32 tolerance
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert report["rows"][2]["images"] == 16  # the cpu profile's minimum requests per level
+    assert report["server_batch_policy"]["preprocess"]["max_batch_size"] >= 1
+    assert "| triton gRPC, 2 clients |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
