@@ -190,7 +190,7 @@ def _score_samples(
                 continue
             try:
                 yield str(path), perturbation.apply(path)
-            except (ValueError, OSError) as e:  # d3qe.ImageError is a ValueError
+            except ValueError as e:  # d3qe.ImageError
                 results.append(ScoreResult.failed(str(path), f"{perturbation.name}: {e}"))
                 bar.update()
 

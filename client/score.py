@@ -51,9 +51,6 @@ def score_eager(
         except ImageError as e:
             yield ScoreResult.failed(source, str(e))
             continue
-        except OSError as e:  # unreadable file, or a decoder failing inside Image.open (a truncated header)
-            yield ScoreResult.failed(source, f"cannot read image: {e}")
-            continue
         if len(batch) == batch_size:
             yield from run(batch)
             batch = []

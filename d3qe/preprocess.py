@@ -33,7 +33,10 @@ def _open(source: ImageSource) -> Image.Image:
             raise ImageError(f"no such image file: {path}")
         if path.stat().st_size > MAX_IMAGE_BYTES:
             raise ImageError(f"{path}: {path.stat().st_size} bytes, above the {MAX_IMAGE_BYTES}-byte limit")
-        source = path.read_bytes()
+        try:
+            source = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e}") from e
     if not isinstance(source, bytes | bytearray | memoryview):
         raise ImageError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
     if len(source) == 0:
@@ -48,6 +51,8 @@ def _open(source: ImageSource) -> Image.Image:
         raise ImageError("not a decodable image (unknown or corrupt format)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"image rejected as a decompression bomb: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # a format's header parser failing on corrupt bytes
+        raise ImageError(f"not a decodable image: corrupt or truncated header ({e})") from e
 
 
 def load_image(source: ImageSource) -> Image.Image:

@@ -36,9 +36,10 @@ def _png_header_only(width: int, height: int) -> bytes:
         (b"hello, this is a text file\n", "not a decodable image"),
         (_png_header_only(20000, 20000), "pixel limit|decompression bomb"),
         (_encode(Image.new("RGB", (1, 1)), "PNG"), "below the minimum"),
+        (b"\x89PNG\r\n\x1a\n truncated", "truncated header"),
         (_encode(Image.new("RGB", (20000, 16)), "PNG"), "aspect ratio"),
     ],
-    ids=["empty", "text", "bomb", "1x1", "sliver"],
+    ids=["empty", "text", "bomb", "1x1", "png-signature-only", "sliver"],
 )
 def test_bad_images(data, match):
     with pytest.raises(d3qe.ImageError, match=match):
