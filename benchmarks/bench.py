@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from client.grpc_client import DEFAULT_MODEL, AsyncD3QEClient, RetryPolicy
+from client.model_args import add_weight_arguments
 from client.results import DEFAULT_THRESHOLD
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -417,11 +418,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--url", help="bench this running server instead of starting one on the first --repo")
     p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--checkpoint", help="the D³QE checkpoint the repositories were exported from (eager reference)")
-    p.add_argument("--vq-checkpoint")
-    p.add_argument("--preset", default="full", help="architecture for seeded weights when no checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
+    add_weight_arguments(p, role="eager reference, as exported: ")
     p.add_argument("--images", type=int, help="override the profile's image count")
     p.add_argument("--concurrency", type=int, nargs="+", help="override the profile's client counts")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from client.model_args import add_weight_arguments, detector_from_args
 from client.results import ScoreResult
 from client.serve import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
 
@@ -62,11 +63,7 @@ def compare(served: list[ScoreResult], eager: list[ScoreResult], tolerance: floa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="the authors' D³QE .pth (default: full-size seeded random weights)")
-    p.add_argument("--vq-checkpoint", help="LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
-    p.add_argument("--preset", default="full", help="architecture for seeded weights when no checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
+    add_weight_arguments(p)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="where the export goes")
     p.add_argument("--images", nargs="+", type=Path, default=[SAMPLE_IMAGES], help="images or folders to score")
     p.add_argument("--reexport", action="store_true", help="export even if the repository holds these weights")
@@ -75,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from client.grpc_client import D3QEClient
     from client.score import expand_paths, score_eager
-    from d3qe import CheckpointError, load_detector
+    from d3qe import CheckpointError
     from export.driver import export_repository
     from export.repository import write_repository
     from export.validate import TOLERANCES, ValidationError
@@ -83,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
     repo = args.model_repository.resolve()
     items = [(str(p), p) for p in expand_paths(args.images)]
     try:
-        model = load_detector(
-            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
-        )
+        model = detector_from_args(args)
     except CheckpointError as e:
         print(f"d3qe demo: {e}", file=sys.stderr)
         return 2

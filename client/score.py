@@ -14,6 +14,7 @@ from typing import TextIO
 import torch
 
 from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, Item, ModelMismatchError, ServerNotReadyError
+from client.model_args import add_weight_arguments, detector_from_args
 from client.results import DEFAULT_THRESHOLD, ScoreResult
 
 # A runtime scores (source, bytes or path) pairs, one result each, in order.
@@ -102,11 +103,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="server: send images through system shared memory (client and server on one host)",
     )
-    p.add_argument("--checkpoint", help="eager: the authors' D³QE .pth, or our .safetensors inference weights")
-    p.add_argument("--vq-checkpoint", help="eager: LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
-    p.add_argument("--preset", default="full", help="eager: architecture for seeded weights when no checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--freq-bias", choices=["reference", "stats"], default="reference")
+    add_weight_arguments(p, role="eager: ")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
 
@@ -115,11 +112,7 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 def open_runtime(args: argparse.Namespace) -> Iterator[Scorer]:
     """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first."""
     if args.runtime == "eager":
-        from d3qe import load_detector
-
-        model = load_detector(
-            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
-        )
+        model = detector_from_args(args)
         yield lambda items: score_eager(model, items, args.threshold, args.batch_size)
         return
     with D3QEClient(

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from d3qe import D3QE, CheckpointError, ImageError, load_detector
-from d3qe.config import FREQ_BIAS_MODES, PRESETS
+from client.model_args import add_weight_arguments, detector_from_args
+from d3qe import D3QE, CheckpointError, ImageError
 from export.manifest import new_manifest, sha256_file, write_manifest
 from export.parts import PartSpec, eager_tensors, part_specs
 from export.repository import write_repository
@@ -188,11 +188,7 @@ def export_repository(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="the authors' D³QE .pth, or our .safetensors inference weights")
-    p.add_argument("--vq-checkpoint", help="LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="full", help="sizes for seeded weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights without a checkpoint")
-    p.add_argument("--freq-bias", choices=FREQ_BIAS_MODES, default="reference")
+    add_weight_arguments(p)
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take")
@@ -213,9 +209,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        model = load_detector(
-            args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
-        )
+        model = detector_from_args(args)
         manifest = export_repository(
             model,
             args.out,
