@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,14 @@ lint: venv
 
 demo: venv
 	$(BIN)/d3qe demo
+
+# Full-size CPU benchmark of the repository `make demo` exported (minutes; run it on an idle machine).
+bench: venv
+	$(BIN)/d3qe bench --repo model_repository
+
+# The same benchmark's GPU profile, for a machine with an NVIDIA GPU.
+bench-gpu: venv
+	bash benchmarks/gpu_profile.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -117,6 +117,7 @@ def export_repository(
     images: Sequence[Path] = (),
     plugin: bool = False,
     device: str = "cpu",
+    native_configs: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export, validate and describe the three parts of `model` under `out_dir`; returns the manifest.
@@ -183,7 +184,7 @@ def export_repository(
             f"the {runtime} {precision} export in {out_dir} is beyond tolerance (see its manifest.json):\n  "
             + "\n  ".join(failures)
         )
-    write_repository(out_dir, manifest, device="cuda" if device.startswith("cuda") else "cpu")
+    write_repository(out_dir, manifest, native=native_configs, device="cuda" if device.startswith("cuda") else "cpu")
     return manifest
 
 
@@ -201,6 +202,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trt-plugin",
         action="store_true",
         help="TensorRT: D³AT attention through the fused-kernel plugin (export/tensorrt_plugin.py)",
+    )
+    p.add_argument(
+        "--native-configs",
+        action="store_true",
+        help="also write <part>/configs/native.pbtxt for NVIDIA's server container's onnxruntime_onnx / "
+        "tensorrt_plan backends (unverified here)",
     )
 
 
@@ -223,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
             images=args.images,
             plugin=args.trt_plugin,
             device=args.device,
+            native_configs=args.native_configs,
             log=log,
         )
     except ValidationError as e:

@@ -41,7 +41,7 @@ def onnx_repo(tiny_checkpoint, fixture_images, tmp_path_factory):
     """The tiny fixture checkpoint exported once per session, `stats` mode (frequency lookup in the head)."""
     out = tmp_path_factory.mktemp("repo")
     argv = ["export", "--checkpoint", str(tiny_checkpoint), "--freq-bias", "stats", "--out", str(out)]
-    assert main([*argv, "--max-batch", "8", "--images", *map(str, fixture_images[:4])]) == 0
+    assert main([*argv, "--max-batch", "8", "--native-configs", "--images", *map(str, fixture_images[:4])]) == 0
     return out
 
 
@@ -71,6 +71,14 @@ def test_manifest_records_validated_artifacts(onnx_repo, tiny_checkpoint):
             else:
                 assert measured["max_abs"] <= 1e-4
     assert manifest["end_to_end"]["passed"] and manifest["end_to_end"]["measured"]["INDICES"]["agreement"] == 1.0
+
+
+def test_native_configs_only_when_asked(onnx_repo, tiny_repository):
+    """`--native-configs` adds the container's backend configs beside the python-backend ones."""
+    for part in PART_NAMES:
+        assert "onnxruntime_onnx" in (onnx_repo / part / "configs" / "native.pbtxt").read_text()
+        assert (onnx_repo / part / "config.pbtxt").is_file()
+        assert not (tiny_repository / part / "configs").exists()
 
 
 def test_onnx_graphs_have_declared_io_and_dynamic_batch(onnx_repo):
