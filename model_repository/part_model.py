@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from export.runtimes import load_part
 
 
