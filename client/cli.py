@@ -14,6 +14,7 @@ COMMANDS = {
     "demo": ("client.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
     "eval": ("client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps"),
     "bench": ("benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton over gRPC"),
+    "soak": ("benchmarks.soak", "good and bad requests above capacity for a bounded time: every request accounted for"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The Triton model repository around the exported parts: configs, python-backend models, the two ensembles.
+"""The Triton model repository around the exported parts: configs, python-backend models, ensembles and their gates.
 
 Every config is built as tritonclient's `ModelConfig` protobuf message and written in its text format,
 so each field is one Triton knows. Layout written under `out_dir` (the parts' artifacts and
@@ -7,12 +7,14 @@ so each field is one Triton knows. Layout written under `out_dir` (the parts' ar
     preprocess/    config.pbtxt, 1/model.py, warmup/image   IMAGE bytes → PIXELS
     check_pixels/  config.pbtxt, 1/model.py                 PIXELS → CHECKED (finite, in [0, 1])
     <part>/        config.pbtxt, 1/model.py [, configs/native.pbtxt]   vq_encoder, clip_visual, d3qe_head
-    d3qe/          config.pbtxt, 1/    IMAGE → preprocess → vq_encoder ∥ clip_visual → d3qe_head → LOGIT, PROB
-    d3qe_tensor/   config.pbtxt, 1/    PIXELS → check_pixels → the same three parts → LOGIT, PROB
+    d3qe_pipeline/         ensemble: IMAGE → preprocess → vq_encoder ∥ clip_visual → d3qe_head → LOGIT, PROB
+    d3qe_tensor_pipeline/  ensemble: PIXELS → check_pixels → the same three parts → LOGIT, PROB
+    d3qe/, d3qe_tensor/    config.pbtxt, 1/model.py   the admission gates clients call, one per ensemble
 
-`configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which has the native
-`onnxruntime_onnx` and `tensorrt_plan` backends: `tritonserver --model-config-name=native` picks it up
-and falls back to `config.pbtxt` for the other models.
+A gate's queue policy is where overload is refused (see `admission_config`); the ensembles and the
+parts have none. `configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which
+has the native `onnxruntime_onnx` and `tensorrt_plan` backends: `tritonserver --model-config-name=native`
+picks it up and falls back to `config.pbtxt` for the other models.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
 PREPROCESS_SOURCE = SOURCES / "preprocess_model.py"
 CHECK_PIXELS_SOURCE = SOURCES / "check_pixels_model.py"
 PART_SOURCE = SOURCES / "part_model.py"
+ADMISSION_SOURCE = SOURCES / "admission_model.py"
 PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")
 VERSION = "1"
 NATIVE_CONFIG_NAME = "native"
 NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 DEFAULT_QUEUE_DELAY_US = 2000  # a CPU batch takes ~1 s: waiting 2 ms for companions costs nothing
 WARMUP_IMAGE = "image"
+# Gates: client model name → the ensemble it admits requests to.
+GATES = {"d3qe": "d3qe_pipeline", "d3qe_tensor": "d3qe_tensor_pipeline"}
+DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting at a gate; one more is refused at once
+DEFAULT_QUEUE_TIMEOUT_S = 120.0  # the client's default timeout: after that nobody waits for the answer
+DEFAULT_ADMITTED_BATCHES = 2  # batches in an ensemble at once per gate: one computing while the next is decoded
 
 
 def _data_type(dtype: str) -> int:
@@ -152,6 +160,38 @@ def ensemble_config(name: str, entries: dict[str, dict], max_batch: int, *, from
     return config
 
 
+def admission_config(
+    name: str, ensemble: mc.ModelConfig, *, max_queue_size: int, queue_timeout_s: float, batches: int
+) -> mc.ModelConfig:
+    """The gate in front of `ensemble`: same tensors; its dynamic batcher's queue policy refuses the excess.
+
+    Up to `batches` batches (of up to max_batch_size images) are inside the ensemble at a time; up to
+    `max_queue_size` requests wait; more are refused at once (UNAVAILABLE, "Exceeds maximum queue size"),
+    as are requests that waited `queue_timeout_s` (0: no limit) or the shorter timeout a client asked for.
+    Refusing here, before the ensemble, is deliberate: Triton 2.51 loses requests refused by a queue
+    policy on a step inside it (seen here: with max_queue_size on vq_encoder and clip_visual, 38 of 48
+    requests of a burst were never answered; refused by a queue timeout at one of the two parallel steps
+    while the other runs, a request is answered but stays in flight, blocking shutdown). On the first step
+    alone a policy is safe but useless: decoding is fast, the backlog builds up in front of the parts.
+    """
+    if max_queue_size < 1 or batches < 1 or queue_timeout_s < 0:
+        raise ValueError(
+            f"need max_queue_size >= 1, batches >= 1, queue_timeout_s >= 0; got {max_queue_size}, {batches}, "
+            f"{queue_timeout_s}"
+        )
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=ensemble.max_batch_size)
+    config.input.extend(ensemble.input)
+    config.output.extend(ensemble.output)
+    policy = config.dynamic_batching.default_queue_policy  # no queue delay: an admitted batch leaves at once
+    policy.max_queue_size = max_queue_size
+    policy.default_timeout_microseconds = round(queue_timeout_s * 1e6)
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.allow_timeout_override = True  # a client may ask to be refused sooner, never later
+    _instances(config, "cpu", batches)
+    config.parameters["ensemble"].string_value = ensemble.name
+    return config
+
+
 def warmup_image(size: int) -> bytes:
     """A PNG gradient as a serialized TYPE_STRING tensor of one element (Triton's warm-up file format)."""
     ramp = np.linspace(0, 255, size, dtype=np.uint8)
@@ -183,11 +223,16 @@ def write_repository(
     instances: int = 1,
     threads: int | None = None,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
+    admitted_batches: int = DEFAULT_ADMITTED_BATCHES,
 ) -> list[Path]:
-    """Write every config, python model and ensemble for the parts `manifest` describes; returns the files.
+    """Write every config, python model, ensemble and gate for the parts `manifest` describes; returns the files.
 
     `device` ("cpu" or "cuda") is where the three parts run, `instances` of each; `threads` is the
     intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
+    `max_queue_size`, `queue_timeout_s` and `admitted_batches` are each gate's overload policy
+    (`admission_config`).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -216,8 +261,11 @@ def write_repository(
     check = out_dir / "check_pixels"
     written.append(_write_config(check / "config.pbtxt", check_pixels_config(max_batch, pixels, queue_delay_us)))
     written.append(_install_source(CHECK_PIXELS_SOURCE, check))
-    for name, from_image in (("d3qe", True), ("d3qe_tensor", False)):
-        ensemble = ensemble_config(name, entries, max_batch, from_image=from_image)
-        written.append(_write_config(out_dir / name / "config.pbtxt", ensemble))
-        (out_dir / name / VERSION).mkdir(exist_ok=True)  # Triton wants a version folder, even empty, for ensembles
+    policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
+    for gate, from_image in (("d3qe", True), ("d3qe_tensor", False)):
+        ensemble = ensemble_config(GATES[gate], entries, max_batch, from_image=from_image)
+        written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
+        (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
+        written.append(_write_config(out_dir / gate / "config.pbtxt", admission_config(gate, ensemble, **policy)))
+        written.append(_install_source(ADMISSION_SOURCE, out_dir / gate))
     return written

@@ -2,7 +2,8 @@
 
 `export.repository.write_repository` copies this file to `<repository>/check_pixels/1/model.py`.
 A request whose PIXELS are not finite values in [0, 1] (the eval transform's range: raw 0–255 bytes
-or [-1, 1] normalised pixels are common mistakes) gets its own error response.
+or [-1, 1] normalised pixels are common mistakes) gets its own error response, INVALID_ARG, its message
+starting "PIXELS: " (how the gate in front of the ensemble tells a client's mistake).
 
 It is a step of its own because Triton 2.51's ensemble scheduler leaks the whole request (it stays
 in flight forever and blocks shutdown) when a step fails while a sibling step is still running:
@@ -18,10 +19,10 @@ import triton_python_backend_utils as pb_utils
 def problem(pixels: np.ndarray) -> str | None:
     """Why these pixels cannot be scored, or None."""
     if not np.isfinite(pixels).all():
-        return "PIXELS contains NaN or infinity"
+        return "PIXELS: contains NaN or infinity"
     low, high = pixels.min(), pixels.max()
     if low < 0 or high > 1:
-        return f"PIXELS must lie in [0, 1] (RGB / 255, not normalised), got values in [{low:g}, {high:g}]"
+        return f"PIXELS: values must lie in [0, 1] (RGB / 255, not normalised), got values in [{low:g}, {high:g}]"
     return None
 
 

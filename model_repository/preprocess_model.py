@@ -2,8 +2,11 @@
 
 `export.repository.write_repository` copies this file to `<repository>/preprocess/1/model.py`.
 PIXELS is upstream's eval transform (`d3qe.preprocess`). Each request is answered on its own: an
-empty, undecodable, truncated or oversized image gets an error response naming the problem, and the
-other requests of the same dynamic batch are answered normally.
+empty, undecodable, truncated, too small or oversized image (`d3qe.preprocess` limits: MIN_SIDE,
+MAX_PIXELS, MAX_IMAGE_BYTES) gets an error response naming the problem, INVALID_ARG with a message
+starting "IMAGE: " or "IMAGE[i]: " (how the gate in front of the ensemble tells a client's mistake), and
+the other requests of the same dynamic batch are answered normally. The bytes are only ever decoded:
+a request that spells a file path is an undecodable image, never a file to open.
 """
 
 from __future__ import annotations

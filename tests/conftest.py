@@ -54,9 +54,15 @@ def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_repository, tmp_path_factory):
-    """A real tritonserver on free loopback ports serving `tiny_repository`; its log is in the session's tmp."""
+    """A real tritonserver on free loopback ports serving `tiny_repository`; its log is in the session's tmp.
+
+    Shared memory is on (off by default) for the client's shared-memory tests.
+    """
     from client.serve import TritonServer, free_endpoints
 
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
-    with log_path.open("w") as log, TritonServer(tiny_repository, free_endpoints(), log=log) as server:
+    with (
+        log_path.open("w") as log,
+        TritonServer(tiny_repository, free_endpoints(), log=log, shared_memory=True) as server,
+    ):
         yield server

@@ -82,7 +82,10 @@ def batch_sizes(client, model: str) -> dict[int, int]:
 
 def test_repository_layout(tiny_repository):
     models = {p.parent.name for p in tiny_repository.glob("*/config.pbtxt")}
-    assert models == {"preprocess", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head", "d3qe", "d3qe_tensor"}
+    assert models == {
+        *("preprocess", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head"),
+        *("d3qe_pipeline", "d3qe_tensor_pipeline", "d3qe", "d3qe_tensor"),
+    }
     for part in ("vq_encoder", "clip_visual", "d3qe_head"):
         assert (tiny_repository / part / "1" / "model.onnx").is_file()
         assert (tiny_repository / part / "1" / "model.py").is_file()
