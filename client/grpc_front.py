@@ -37,7 +37,7 @@ def _forwarded(metadata) -> tuple[tuple[str, str | bytes], ...]:
 class GrpcFront:
     """Listens on `host:port`, forwards to Triton's gRPC at `upstream` (see the module docstring).
 
-    `start()` returns once the port is bound (ServerError-like `RuntimeError` if it cannot be); `stop()`
+    `start()` returns once the port is bound (`RuntimeError` naming the address if it cannot be); `stop()`
     waits up to `grace` seconds for calls still being answered.
     """
 
