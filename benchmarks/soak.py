@@ -4,8 +4,9 @@ Requests go out open-loop at `--rate` per second for `--seconds` (loopback; at m
 unanswered), a `--bad-fraction` of them drawn from the bad cases of `cases()` (every kind of untrusted
 input the server must refuse, each with the error it must give), the rest from the good ones (images,
 odd-but-valid images, tensors), whose scores must equal the ones the server gives each of them alone
-before the load (the bad cases assume `d3qe serve`'s defaults: the gRPC front's request-size limit). A rate above capacity makes the gates refuse the excess. Then the answers are drained
-(`--drain-timeout`) and every request is counted once:
+before the load. The bad cases assume `d3qe serve`'s defaults (the gRPC front's request-size limit). A
+rate above capacity makes the gates refuse the excess. Then the answers are drained (`--drain-timeout`)
+and every request is counted once:
 
     answered    scored, with the case's own score             refused     a bad case, with its own error
     rejected    overload (UNAVAILABLE from a gate's queue)    unexpected  any other answer (a good case failing, ...)
@@ -298,13 +299,16 @@ def summarize(ledger: Ledger, all_cases: list[Case], seconds: float) -> dict:
             timeline[int(t - start)][outcome] += 1
             by_kind[all_cases[r.case].kind][f"{outcome}: {message[:160]}" if message else outcome] += 1
     sent = len(ledger.records)
+    # from the first request to the last answer: the drain after sending stopped is part of the work
+    elapsed = max((r.answers[0][0] - start for r in ledger.records if r.answers), default=0.0)
     return {
         "sent": sent,
         **counts,
         "duplicated": duplicated,
         "lost": lost,
         "sent_per_s": round(sent / seconds, 2),
-        "answered_per_s": round(counts["answered"] / seconds, 2),
+        "elapsed_s": round(elapsed, 1),
+        "answered_per_s": round(counts["answered"] / elapsed, 2) if elapsed else 0.0,
         "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
         "latency_s": {
             o: {f"p{q}": round(float(np.percentile(v, q)), 3) for q in (50, 90, 99)} | {"max": round(max(v), 3)}
@@ -341,7 +345,10 @@ def plot(path: Path, summary: dict, memory: list, title: str) -> None:
 def print_summary(summary: dict) -> None:
     keys = ("sent", "answered", "rejected", "refused", "wrong", "unexpected", "duplicated", "lost")
     print("  ".join(f"{k} {summary[k]}" for k in keys))
-    print(f"{summary['sent_per_s']} requests/s sent, {summary['answered_per_s']} scored/s")
+    print(
+        f"{summary['sent_per_s']} requests/s sent; {summary['answered_per_s']} scored/s over the "
+        f"{summary['elapsed_s']} s from the first request to the last answer"
+    )
     print("by kind (refused: the error message):")
     for kind, outcomes in summary["by_kind"].items():
         print(f"  {kind}: " + "; ".join(f"{o}: {n}" for o, n in outcomes.items()))
