@@ -25,9 +25,11 @@ lint: venv
 demo: venv
 	$(BIN)/d3qe demo
 
-# Full-size CPU benchmark of the repository `make demo` exported (minutes; run it on an idle machine).
+# Full-size CPU benchmark of the repository `make demo` exported, served, beside an int8-CLIP export
+# run in-process (minutes; run it on an idle machine).
 bench: venv
-	$(BIN)/d3qe bench --repo model_repository
+	$(BIN)/d3qe export --precision int8 --out build/model_repository_int8
+	$(BIN)/d3qe bench --repo model_repository build/model_repository_int8
 
 # The same benchmark's GPU profile, for a machine with an NVIDIA GPU.
 bench-gpu: venv
