@@ -96,7 +96,7 @@ class Row:
             self.max_abs_dlogit = float(np.abs(logits[ok] - eager[ok]).max())
             prob = 1 / (1 + np.exp(-logits[ok]))
             eager_prob = 1 / (1 + np.exp(-eager[ok]))
-            self.verdict_agreement = float(np.mean((prob >= threshold) == (eager_prob >= threshold)))
+            self.verdict_agreement = float(np.mean((prob > threshold) == (eager_prob > threshold)))
 
 
 def synthetic_images(n: int, seed: int = 0) -> list[bytes]:

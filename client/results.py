@@ -26,7 +26,7 @@ class ScoreResult:
         cls, source: str, logit: float, probability: float, threshold: float = DEFAULT_THRESHOLD
     ) -> ScoreResult:
         """A model that outputs both (the served ensemble computes PROB in its graph)."""
-        return cls(source, float(logit), float(probability), "generated" if probability >= threshold else "real")
+        return cls(source, float(logit), float(probability), "generated" if probability > threshold else "real")
 
     @classmethod
     def failed(cls, source: str, error: str) -> ScoreResult:

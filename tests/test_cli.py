@@ -24,4 +24,4 @@ def test_score_eager_prints_fixture_logits(tiny_checkpoint, fixture_images, expe
         row = rows[str(name)]
         assert abs(row["logit"] - logit) < LOGIT_TOL
         assert abs(row["probability"] - 1 / (1 + np.exp(-logit))) < 1e-5
-        assert row["verdict"] == ("generated" if logit >= 0 else "real")
+        assert row["verdict"] == ("generated" if logit > 0 else "real")

@@ -50,7 +50,7 @@ def check(results, items, expected) -> None:
             assert r.ok, r.error
             assert abs(r.logit - want[r.source]) < LOGIT_TOL
             assert abs(r.probability - 1 / (1 + np.exp(-r.logit))) < 1e-6
-            assert r.verdict == ("generated" if r.probability >= 0.5 else "real")
+            assert r.verdict == ("generated" if r.probability > 0.5 else "real")
         else:
             assert not r.ok and r.logit is None and r.verdict is None
     errors = {r.source: r.error for r in results if not r.ok}
