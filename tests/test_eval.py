@@ -11,7 +11,8 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from client.cli import main
-from client.eval import crop, discover, jpeg
+from client.eval import compute_metrics, crop, discover, jpeg
+from client.results import ScoreResult
 
 # The fixture's images as a two-generator test set: name → (generator, class folder).
 LAYOUT = {
@@ -101,6 +102,15 @@ def test_eager_eval_matches_upstream_metrics_on_fixture_logits(eager_report, exp
     assert (clean["genB"]["n_real"], clean["genB"]["n_fake"], clean["genB"]["failed"]) == (1, 2, 1)
     broken = [i for i in report["settings"]["clean"]["images"]["genB"] if i["source"].endswith("broken.png")]
     assert len(broken) == 1 and broken[0]["error"] and broken[0]["logit"] is None
+
+
+def test_score_verdict_and_eval_decide_alike_at_the_threshold():
+    """Upstream's validate() calls P > 0.5 fake; `d3qe score`'s verdict must not disagree at P = 0.5."""
+    probs = np.array([0.5, np.nextafter(0.5, 1.0)])
+    metrics = compute_metrics("g", np.array([1, 1]), probs, failed=0, threshold=0.5)
+    assert metrics.acc == pytest.approx(0.5)
+    assert [ScoreResult.from_scores("x", 0.0, float(p)).verdict for p in probs] == ["real", "generated"]
+    assert ScoreResult.from_logit("x", 0.0).verdict == "real"
 
 
 def test_sweeps_change_the_scores(eager_report):
