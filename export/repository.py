@@ -93,6 +93,8 @@ def part_config(
     _add_tensors(config.output, entry["outputs"])
     _instances(config, device, instances)
     config.parameters["intra_op_threads"].string_value = str(threads)
+    if device == "cuda":  # a GPU step's output reaches the next GPU step as it is (DLPack), not via the host
+        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     warmup = config.model_warmup.add(name="zeros", batch_size=1)
     for t in entry["inputs"]:
         warmup.inputs[t["name"]].data_type = _data_type(t["dtype"])

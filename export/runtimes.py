@@ -1,7 +1,9 @@
 """In-process runners of exported parts, read from a repository's manifest.
 
 `load_part(repo_dir, part)` is what the Triton python-backend models and the benchmarks call:
-`runner(feeds)` takes numpy arrays by input name and returns numpy arrays by output name.
+`runner(feeds)` takes numpy arrays by input name and returns numpy arrays by output name;
+`runner.run_tensors(feeds)` takes torch tensors on any device and returns them on the runner's, so
+that on a GPU the Triton models hand tensors from part to part without a trip through host memory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from export.parts import part_specs
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _numpy_type(tensor: torch.Tensor) -> type:
+    return np.dtype(_dtype_name(tensor.dtype)).type
+
+
+def _dtype_name(dtype: np.dtype | torch.dtype) -> str:
+    """numpy's name of a numpy or torch dtype (they agree but for torch's prefix)."""
+    return str(dtype).removeprefix("torch.")
+
+
 class PartRunner:
     """Checks the feeds against the part's declared inputs, then runs it (`_run` in each runtime)."""
 
@@ -26,6 +37,7 @@ class PartRunner:
         self.inputs: list[dict] = entry["inputs"]
         self.outputs: list[dict] = entry["outputs"]
         self.max_batch: int = entry["max_batch"]
+        self.device = torch.device("cpu")
 
     @property
     def input_names(self) -> list[str]:
@@ -35,7 +47,7 @@ class PartRunner:
     def output_names(self) -> list[str]:
         return [t["name"] for t in self.outputs]
 
-    def check(self, feeds: dict[str, np.ndarray]) -> None:
+    def check(self, feeds: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> None:
         """Raise ValueError naming every missing input and every wrong dtype, shape or batch size."""
         problems = [f"missing input {t['name']}" for t in self.inputs if t["name"] not in feeds]
         batches = set()
@@ -43,8 +55,9 @@ class PartRunner:
             if t["name"] not in feeds:
                 continue
             a = feeds[t["name"]]
-            if a.dtype != np.dtype(t["dtype"]):
-                problems.append(f"{t['name']} has dtype {a.dtype}, expected {t['dtype']}")
+            dtype = _dtype_name(a.dtype)
+            if dtype != np.dtype(t["dtype"]).name:
+                problems.append(f"{t['name']} has dtype {dtype}, expected {t['dtype']}")
             want = t["shape"]
             if a.ndim != len(want) or any(w != -1 and w != s for w, s in zip(want, a.shape, strict=False)):
                 problems.append(f"{t['name']} has shape {list(a.shape)}, expected {want} (-1: batch)")
@@ -59,14 +72,24 @@ class PartRunner:
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check(feeds)
-        return self._run({n: np.ascontiguousarray(feeds[n]) for n in self.input_names})
+        outputs = self._run({n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_tensors(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors on any device in; out on the runner's device (`self.device`), by output name."""
+        self.check(feeds)
+        return self._run({n: feeds[n].contiguous() for n in self.input_names})
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
 class OnnxRuntimeRunner(PartRunner):
-    """An ONNX Runtime session: the CUDA execution provider on a `cuda` device when installed, else CPU."""
+    """An ONNX Runtime session: the CUDA execution provider on a `cuda` device when installed, else CPU.
+
+    Inputs and outputs are bound to torch tensors' memory (I/O binding), the same way on CPU and CUDA: on
+    CUDA nothing goes through host memory.
+    """
 
     def __init__(self, part: str, entry: dict, path: Path, device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -77,6 +100,7 @@ class OnnxRuntimeRunner(PartRunner):
             if "CUDAExecutionProvider" in ort.get_available_providers():
                 device_id = int(device.partition(":")[2] or 0)
                 providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+                self.device = torch.device("cuda", device_id)
             else:
                 warnings.warn(f"{part}: onnxruntime has no CUDA execution provider here; running on CPU", stacklevel=2)
         options = ort.SessionOptions()
@@ -85,8 +109,24 @@ class OnnxRuntimeRunner(PartRunner):
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers)
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feeds = {n: t.to(self.device) for n, t in feeds.items()}
+        batch = len(next(iter(feeds.values())))
+        outputs = {
+            t["name"]: torch.empty((batch, *t["shape"][1:]), dtype=getattr(torch, t["dtype"]), device=self.device)
+            for t in self.outputs
+        }
+        binding = self.session.io_binding()
+        device = (self.device.type, self.device.index or 0)
+        for name, tensor in feeds.items():
+            binding.bind_input(name, *device, _numpy_type(tensor), tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in outputs.items():
+            binding.bind_output(name, *device, _numpy_type(tensor), tuple(tensor.shape), tensor.data_ptr())
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the input copies, before ORT's stream reads them
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs
 
 
 class TorchRunner(PartRunner):
@@ -105,12 +145,12 @@ class TorchRunner(PartRunner):
         dtype = TORCH_DTYPES[entry["precision"]]
         self.module = load_torch_part(spec, config_of(manifest), manifest["freq_bias"], dtype, path, device)
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(feeds[n]).to(self.device) for n in self.input_names]
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = [feeds[n].to(self.device) for n in self.input_names]
         with torch.inference_mode():
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        return {n: o.cpu().numpy() for n, o in zip(self.output_names, outs, strict=True)}
+        return dict(zip(self.output_names, outs, strict=True))
 
 
 class TensorRTRunner(PartRunner):
@@ -133,8 +173,8 @@ class TensorRTRunner(PartRunner):
             n: getattr(torch, np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))).name) for n in self.output_names
         }
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {n: torch.from_numpy(a).to(self.device) for n, a in feeds.items()}
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {n: t.to(self.device) for n, t in feeds.items()}
         for name, tensor in inputs.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
@@ -147,7 +187,7 @@ class TensorRTRunner(PartRunner):
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"{self.part}: TensorRT execution failed")
         self.stream.synchronize()
-        return {n: t.cpu().numpy() for n, t in outputs.items()}
+        return outputs
 
 
 def runner_for(

@@ -3,9 +3,10 @@
 `export.repository.write_repository` copies this file to `<repository>/<part>/1/model.py` for each
 part. The model hosts the exported artifact through `export.runtimes.load_part` (ONNX Runtime,
 TensorRT or torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
-are concatenated along the batch axis, run once and split back. Inputs were checked before they got
-here (`preprocess` decodes, `check_pixels` checks tensors from clients). The artifact must be the file
-exported: its sha256 is checked against the manifest before it is loaded.
+are concatenated along the batch axis, run once and split back. Tensors pass in and out through
+DLPack: on a GPU instance the parts hand each other device memory, never host copies. Inputs were
+checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients). The
+artifact must be the file exported: its sha256 is checked against the manifest before it is loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from export.manifest import read_manifest, sha256_file
@@ -45,16 +46,24 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests: list) -> list:
-        batches = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
-        feeds = {n: np.concatenate([b[n] for b in batches]) for n in self.inputs}
+        batches = [{n: self._tensor(r, n) for n in self.inputs} for r in requests]
+        feeds = {n: torch.cat([b[n] for b in batches]) for n in self.inputs}
         try:
-            outputs = self.runner(feeds)
+            outputs = self.runner.run_tensors(feeds)
         except Exception as e:  # the runtime's message names the problem; every request of the run shares it
             error = pb_utils.TritonError(f"{self.part} failed: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        splits = np.cumsum([len(b[self.inputs[0]]) for b in batches])[:-1]
-        pieces = {n: np.split(outputs[n], splits) for n in self.outputs}
+        sizes = [len(b[self.inputs[0]]) for b in batches]
+        pieces = {n: torch.split(outputs[n], sizes) for n in self.outputs}
         return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(n, pieces[n][k]) for n in self.outputs])
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor.from_dlpack(n, torch.utils.dlpack.to_dlpack(pieces[n][k])) for n in self.outputs]
+            )
             for k in range(len(requests))
         ]
+
+    def _tensor(self, request, name: str) -> torch.Tensor:
+        """The request's input as a torch tensor on this instance's device, without a host copy on a GPU."""
+        return torch.utils.dlpack.from_dlpack(pb_utils.get_input_tensor_by_name(request, name).to_dlpack()).to(
+            self.runner.device
+        )

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -132,6 +133,36 @@ def test_runner_takes_every_batch_up_to_max_and_names_bad_inputs(onnx_runners, e
     head = onnx_runners["d3qe_head"]
     with pytest.raises(ValueError, match="missing input CLIP_FEAT"):
         head({"RESIDUAL": np.zeros((1, 8, 16, 16), np.float32), "INDICES": np.zeros((1, 256), np.int64)})
+
+
+def run_chain_tensors(runners: dict, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`run_chain` as the Triton models run it: torch tensors from part to part, on the runners' device."""
+    tensors = {"PIXELS": pixels}
+    for part in PART_NAMES:
+        tensors.update(runners[part].run_tensors({n: tensors[n] for n in runners[part].input_names}))
+    return tensors
+
+
+def test_runner_passes_torch_tensors_through_io_binding(onnx_runners, expected):
+    out = run_chain_tensors(onnx_runners, torch.from_numpy(expected["x"]))
+    assert all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in out.values())
+    np.testing.assert_array_equal(out["INDICES"].numpy(), expected["x_indices"])
+    np.testing.assert_allclose(out["LOGIT"].numpy(), expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
+    assert torch.equal(out["LOGIT"], torch.from_numpy(run_chain(onnx_runners, expected["x"])["LOGIT"]))
+    with pytest.raises(ValueError, match="PIXELS has dtype float64, expected float32"):
+        onnx_runners["vq_encoder"].run_tensors({"PIXELS": torch.from_numpy(expected["x"]).double()})
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs a CUDA GPU and onnxruntime-gpu (none here); the GPU hand-off is unverified",
+)
+def test_runners_keep_tensors_on_the_gpu(onnx_repo, expected):
+    runners = {part: load_part(onnx_repo, part, "cuda") for part in PART_NAMES}
+    out = run_chain_tensors(runners, torch.from_numpy(expected["x"]).cuda())
+    assert all(t.device.type == "cuda" for t in out.values())
+    np.testing.assert_array_equal(out["INDICES"].cpu().numpy(), expected["x_indices"])
+    np.testing.assert_allclose(out["LOGIT"].cpu().numpy(), expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
 
 
 def test_int8_quantises_only_clips_transformer(onnx_repo, onnx_runners, expected, fixture_pixels, tmp_path):

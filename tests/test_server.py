@@ -35,6 +35,7 @@ from client.serve import (
     prepare_backend_directory,
     server_environment,
 )
+from export.manifest import read_manifest
 from export.repository import PART_NAMES as PARTS
 from export.repository import write_repository
 from tests.test_preprocess import _png_header_only
@@ -268,6 +269,17 @@ def test_dynamic_batching_and_warmup_configured(tiny_repository):
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         if model not in ("check_pixels",):
             assert config.model_warmup, model
+
+
+def test_gpu_parts_take_gpu_inputs_as_they_are(tiny_repository, tmp_path):
+    """On a GPU the python backend would copy every input to the host unless told otherwise."""
+    write_repository(tmp_path, read_manifest(tiny_repository), device="cuda")
+    for model in ("vq_encoder", "clip_visual", "d3qe_head"):
+        config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    cpu = text_format.Parse((tiny_repository / "vq_encoder" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
 
 
 @pytest.fixture(scope="module")
