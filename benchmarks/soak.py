@@ -392,12 +392,12 @@ def run(args: argparse.Namespace) -> int:
         all_cases = cases(client.get_model_config("d3qe").config.max_batch_size, Path(workdir))
         score_alone(client, [c for c in all_cases if c.expect is None])
         print(f"d3qe soak: {args.rate:g} requests/s for {args.seconds:g} s on {url}, {len(all_cases)} cases")
-        sampler = MemorySampler(server) if server else contextlib.nullcontext()
-        with sampler:
+        memory = MemorySampler(server) if server else None  # only a server this soak started is measured
+        with memory or contextlib.nullcontext():
             ledger, throttled = soak(url, all_cases, args)
         policy = server_policy(url, server.model_repository) if server else {}
-    memory = sampler if server else None
     summary = summarize(ledger, all_cases, args.seconds)
+    memory_summary = memory.summary() if memory else None
     report = {
         "title": f"d3qe soak on {machine_slug(info)}, {date}",
         "date": date,
@@ -406,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "client_waited_s": round(throttled, 1),
         "server_policy": policy,
-        "server_memory_mib": memory.summary() if memory else None,
+        "server_memory_mib": memory_summary,
         "counts": summary,
         "memory_timeline": memory.samples if memory else [],
     }
@@ -419,9 +419,9 @@ def run(args: argparse.Namespace) -> int:
         report["title"],
     )
     print_summary(summary)
-    if memory:
-        print(f"server memory, MiB (anonymous per process + shared-memory regions): {memory.summary()['total']}")
-        for part, mib in memory.summary()["by_part"].items():
+    if memory_summary:
+        print(f"server memory, MiB (anonymous per process + shared-memory regions): {memory_summary['total']}")
+        for part, mib in memory_summary["by_part"].items():
             print(f"  {part}: " + ", ".join(f"{k} {v}" for k, v in mib.items()))
     print(f"wrote {out_dir}/soak.json, soak.png")
     return 0 if summary["wrong"] == summary["unexpected"] == summary["duplicated"] == summary["lost"] == 0 else 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import config_of, read_manifest
+from export.manifest import config_of, read_manifest, sha256_file
 from export.parts import part_specs
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -209,14 +209,22 @@ def runner_for(
 
 
 def load_part(repo_dir: Path, part: str, device: str = "cpu", threads: int | None = None) -> PartRunner:
-    """The runner of one exported part of the repository at `repo_dir`; refuses parts that failed validation.
+    """The runner of one exported part of the repository at `repo_dir`; refuses parts that failed validation
+    and artifacts that are not the files validated (truncated or altered ones may still load, then score wrongly).
 
     `threads`: intra-op threads on CPU (ONNX Runtime, torch); None leaves the runtime's default.
     """
     manifest = read_manifest(Path(repo_dir))
     if part not in manifest["parts"]:
         raise KeyError(f"{repo_dir}: no part {part!r} in the manifest; it has {sorted(manifest['parts'])}")
-    validation = manifest["parts"][part].get("validation", {})
+    entry = manifest["parts"][part]
+    validation = entry.get("validation", {})
     if not validation.get("passed"):
         raise ValueError(f"{repo_dir}: {part} failed validation at export: {validation.get('problems')}")
+    path = Path(repo_dir) / entry["file"]
+    if path.is_file() and sha256_file(path) != entry["sha256"]:
+        raise ValueError(
+            f"{part}: {path} is not the file exported (its sha256 differs from manifest.json): "
+            "corrupt or changed since the export; export again"
+        )
     return runner_for(Path(repo_dir), manifest, part, device, threads)

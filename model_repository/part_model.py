@@ -5,8 +5,7 @@ part. The model hosts the exported artifact through `export.runtimes.load_part` 
 TensorRT or torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
 are concatenated along the batch axis, run once and split back. Tensors pass in and out through
 DLPack: on a GPU instance the parts hand each other device memory, never host copies. Inputs were
-checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients). The
-artifact must be the file exported: its sha256 is checked against the manifest before it is loaded.
+checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients).
 """
 
 from __future__ import annotations
@@ -17,19 +16,7 @@ from pathlib import Path
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.manifest import read_manifest, sha256_file
 from export.runtimes import load_part
-
-
-def verify_artifact(repo_dir: Path, part: str) -> None:
-    """Refuse a truncated or altered artifact by name: some still load, and then score wrongly."""
-    entry = read_manifest(repo_dir)["parts"][part]
-    path = repo_dir / entry["file"]
-    if path.is_file() and sha256_file(path) != entry["sha256"]:
-        raise ValueError(
-            f"{part}: {path} is not the file exported (its sha256 differs from manifest.json): "
-            "corrupt or changed since the export; export again"
-        )
 
 
 class TritonPythonModel:
@@ -39,9 +26,7 @@ class TritonPythonModel:
         self.part = args["model_name"]
         device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
         threads = int(params["intra_op_threads"]) if "intra_op_threads" in params else None
-        repo_dir = Path(args["model_repository"]).parent
-        verify_artifact(repo_dir, self.part)
-        self.runner = load_part(repo_dir, self.part, device, threads=threads)
+        self.runner = load_part(Path(args["model_repository"]).parent, self.part, device, threads=threads)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -213,6 +214,16 @@ def test_export_beyond_tolerance_fails_loudly(tiny_checkpoint, tmp_path, monkeyp
     assert not (tmp_path / "d3qe" / "config.pbtxt").exists()  # no Triton repository around failed artifacts
     with pytest.raises(ValueError, match="failed validation"):
         load_part(tmp_path, "clip_visual")
+
+
+def test_an_altered_artifact_is_refused_by_name(onnx_repo, tmp_path):
+    """A truncated or changed file may still load and score wrongly: load_part checks it against the manifest."""
+    shutil.copytree(onnx_repo, tmp_path, dirs_exist_ok=True)
+    with (tmp_path / "d3qe_head" / "1" / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match=r"d3qe_head: .* is not the file exported \(its sha256 differs"):
+        load_part(tmp_path, "d3qe_head")
+    load_part(tmp_path, "vq_encoder")  # the untouched parts still load
 
 
 def test_unsupported_precision_is_refused_before_exporting(tiny_checkpoint, tmp_path, capsys):
