@@ -29,7 +29,7 @@ demo: venv
 # run in-process (minutes; run it on an idle machine).
 bench: venv
 	$(BIN)/d3qe export --precision int8 --out build/model_repository_int8
-	$(BIN)/d3qe bench --repo model_repository build/model_repository_int8
+	$(BIN)/d3qe bench --repo build/model_repository build/model_repository_int8
 
 # The same benchmark's GPU profile, for a machine with an NVIDIA GPU.
 bench-gpu: venv

@@ -1,0 +1,19 @@
+"""Benchmarks: speed and fidelity of every runtime against the eager model measured in the same run.
+
+Each writes its results as JSON and a plot under `RESULTS/<machine>-<date>/` (`results_dir`), with the
+machine and tool versions (`serving.host`) recorded beside the numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from serving.host import machine_slug
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(info: dict, out: Path | None = None) -> Path:
+    """`out`, else `RESULTS/<machine slug>-<today>` for the machine `info` describes (`serving.host.machine`)."""
+    return out or RESULTS / f"{machine_slug(info)}-{datetime.date.today().isoformat()}"

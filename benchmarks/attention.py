@@ -19,8 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +27,10 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
+from benchmarks import RESULTS
 from d3qe.attention import freq_biased_attention, freq_biased_attention_math
+from serving.host import machine, tool_versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -56,26 +55,6 @@ def inputs(batch: int, heads: int, length: int, dim: int, dtype: torch.dtype, de
     gen = torch.Generator().manual_seed(batch)
     tensors = [torch.randn(batch, heads, length, dim, generator=gen).to(device, dtype) for _ in range(5)]
     return (*tensors, torch.tensor([0.3], device=device))  # γ an fp32 parameter, as under autocast
-
-
-def machine(device: str) -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    info = {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "avx512": "avx512f" in cpuinfo,
-        "amx": "amx_tile" in cpuinfo,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if device == "cuda":
-        import triton
-
-        info |= {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda, "triton": triton.__version__}
-    return info
 
 
 def measure(device: str, dtypes: list[str], batches: list[int], heads: int, length: int, dim: int, min_run_time: float):
@@ -154,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: record it
     rows = measure(args.device, dtypes, args.batches, args.heads, args.length, args.head_dim, args.min_run_time)
-    info = machine(args.device) | {"load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}}
+    info = machine(args.device) | {
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "torch_threads": torch.get_num_threads(),
+    }
     report = {
         "benchmark": "d3qe::freq_biased_attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": tool_versions(commit=True),
         "machine": info,
         "shape": {"heads": args.heads, "length": args.length, "head_dim": args.head_dim, "batches": args.batches},
         "flop_per_call": "2·B·H·L²·(D + Db + Dv)",

@@ -11,29 +11,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import io
 import json
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks import RESULTS, results_dir
 from client.grpc_client import DEFAULT_MODEL, AsyncD3QEClient, RetryPolicy
-from client.model_args import add_weight_arguments
 from client.results import DEFAULT_THRESHOLD
-
-RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("vq_encoder", "clip_visual", "d3qe_head")
+from serving.host import machine, machine_slug, tool_versions
+from serving.inprocess import add_weight_arguments
+from serving.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -163,17 +158,17 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
 
 def bench_parts(repo: Path, images: list[bytes], profile: Profile) -> tuple[Row, np.ndarray]:
     """The exported parts chained in-process, as the Triton python-backend models run them."""
-    from export.runtimes import load_part
+    from serving.runtimes import load_part
 
-    manifest = json.loads((repo / "manifest.json").read_text())
-    runners = {p: load_part(repo, p, profile.device) for p in PARTS}
+    manifest = Manifest.read(repo)
+    runners = {p: load_part(repo, p, profile.device) for p in manifest.parts}
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         feeds = {"PIXELS": pixels}
         feats = {**runners["vq_encoder"](feeds), **runners["clip_visual"](feeds)}
         return runners["d3qe_head"](feats)["LOGIT"]
 
-    runtime, precision = describe_repo(manifest)
+    runtime, precision = manifest.describe()
     desc = f"{repo.name}: {runtime} {precision}"
     seconds, lat, logits = _timed_batches(images, profile.runtime_batch, profile.warmup, forward, desc)
     batch = f"batch {profile.runtime_batch}"
@@ -184,16 +179,12 @@ def eager_reference(args: argparse.Namespace) -> dict:
     """The eager model the repositories were exported from: --checkpoint, else the first manifest's seeded weights."""
     ref = {"checkpoint": args.checkpoint, "preset": args.preset, "seed": args.seed, "freq_bias": args.freq_bias}
     if args.repo:
-        from export.manifest import read_manifest
-
-        manifest = read_manifest(args.repo[0])
-        ref["freq_bias"] = manifest["freq_bias"]
+        manifest = Manifest.read(args.repo[0])
+        ref["freq_bias"] = manifest.freq_bias
         if args.checkpoint is None:
-            if manifest.get("checkpoint"):
-                raise SystemExit(
-                    f"{args.repo[0]} was exported from {manifest['checkpoint']['file']}: pass --checkpoint"
-                )
-            ref.update(manifest["seeded_weights"])
+            if manifest.checkpoint:
+                raise SystemExit(f"{args.repo[0]} was exported from {manifest.checkpoint['file']}: pass --checkpoint")
+            ref.update(manifest.seeded_weights)
     if ref["checkpoint"]:
         ref["description"] = f"checkpoint {ref['checkpoint']}, freq_bias {ref['freq_bias']}"
     else:
@@ -201,17 +192,6 @@ def eager_reference(args: argparse.Namespace) -> dict:
             f"preset {ref['preset']}, seeded random weights (seed {ref['seed']}), freq_bias {ref['freq_bias']}"
         )
     return ref
-
-
-def describe_repo(manifest: dict) -> tuple[str, str]:
-    """'runtime' and 'precision' of an export, per part where they differ (e.g. 'onnxruntime', 'bf16/fp32/fp32')."""
-    parts = manifest["parts"]
-
-    def joined(key: str) -> str:
-        values = [str(parts[p].get(key, "?")) for p in PARTS]
-        return values[0] if len(set(values)) == 1 else "/".join(values)
-
-    return joined("runtime"), joined("precision")
 
 
 async def bench_server_level(
@@ -241,63 +221,11 @@ async def bench_server_level(
         await asyncio.gather(*(caller() for _ in range(clients)))
         seconds = time.perf_counter() - start
     bar.close()
-    runtime, precision = describe_repo(json.loads((repo / "manifest.json").read_text()))
+    runtime, precision = Manifest.read(repo).describe()
     policy = "1 image/request, dynamic batching"
     return Row(
         f"triton gRPC, {clients} clients", f"triton + {runtime}", precision, policy, requests, seconds, latencies
     ), logits
-
-
-@contextlib.contextmanager
-def served(url: str | None, repo: Path) -> Iterator[str]:
-    """The given server's URL, or a server started on `repo` on free loopback ports for the duration."""
-    if url:
-        yield url
-        return
-    from client.serve import TritonServer, free_endpoints
-
-    with TritonServer(repo, free_endpoints()) as server:
-        yield server.endpoints.grpc_url
-
-
-def machine_info(device: str) -> dict:
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model_name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    cpu = model_name.group(1).strip() if model_name else platform.processor() or "unknown CPU"
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "amx": "amx_tile" in cpuinfo,
-        "avx512": "avx512f" in cpuinfo,
-        "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "device": device,
-        "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # 1/5/15 min: was the machine idle?
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_slug(info: dict) -> str:
-    if "gpu" in info:
-        return re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
-    return f"cpu{info['cores']}c-" + re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40].strip("-")
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tritonclient", "nvidia-pytriton", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[pkg] = version(pkg)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    out["d3qe-serve commit"] = commit.stdout.strip() or None
-    return out
 
 
 def server_policy(url: str, repo: Path) -> dict:
@@ -436,9 +364,9 @@ def run(args: argparse.Namespace) -> int:
         profile = Profile(**dict(asdict(profile), images=args.images))
     if args.concurrency:
         profile = Profile(**dict(asdict(profile), concurrency=tuple(args.concurrency)))
-    info = machine_info(profile.device)
+    info = machine(profile.device)
     date = datetime.date.today().isoformat()
-    out_dir = args.out or RESULTS / f"{machine_slug(info)}-{date}"
+    out_dir = results_dir(info, args.out)
     images = synthetic_images(profile.images)
     threshold = DEFAULT_THRESHOLD
 
@@ -462,7 +390,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
     policy: dict = {}
     if args.server and args.repo:
-        with served(args.url, args.repo[0]) as url:
+        from serving.server import served
+
+        with served(args.url, args.repo[0]) as (url, _):
             policy = server_policy(url, args.repo[0])
             for clients in profile.concurrency:
                 requests = max(profile.min_requests, clients)
@@ -478,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
         "title": f"d3qe bench on {machine_slug(info)}, {date}",
         "date": date,
         "machine": info,
-        "versions": versions(),
+        "versions": tool_versions(commit=True),
         "model": reference,
         "images": profile.images,
         "profile": asdict(profile),

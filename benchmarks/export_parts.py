@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench import RESULTS, machine_info, machine_slug, versions
+from benchmarks import results_dir
 from d3qe import load_detector
-from export.manifest import read_manifest
-from export.parts import PART_NAMES, eager_tensors, part_specs
-from export.runtimes import load_part
+from d3qe.parts import PART_NAMES, eager_tensors, part_specs
 from export.validate import synthetic_pixels
+from serving.host import machine, tool_versions
+from serving.manifest import Manifest
+from serving.runtimes import load_part
 
 
 def _seconds(fn) -> float:
@@ -38,19 +39,19 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _export_summary(manifest: dict) -> dict:
+def _export_summary(manifest: Manifest) -> dict:
     parts = {}
-    for part, entry in manifest["parts"].items():
+    for part, entry in manifest.parts.items():
         parts[part] = {
-            "bytes": entry["bytes"],
-            "export_seconds": entry["export_seconds"],
-            "worst": entry["validation"]["worst"],
+            "bytes": entry.bytes,
+            "export_seconds": entry.export_seconds,
+            "worst": entry.validation["worst"],
         }
     return {
-        "runtime": manifest["runtime"],
-        "precision": manifest["precision"],
+        "runtime": manifest.runtime,
+        "precision": manifest.precision,
         "parts": parts,
-        "end_to_end": manifest["end_to_end"]["measured"],
+        "end_to_end": manifest.end_to_end["measured"],
     }
 
 
@@ -93,24 +94,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     args = p.parse_args(argv)
 
-    manifests = {str(repo): read_manifest(repo) for repo in args.repo}
+    manifests = {str(repo): Manifest.read(repo) for repo in args.repo}
     first = manifests[str(args.repo[0])]
-    seeded = first.get("seeded_weights", {})
-    if first["checkpoint"] and not args.checkpoint:
-        p.error(f"{args.repo[0]} was exported from {first['checkpoint']['file']}: pass --checkpoint")
+    seeded = first.seeded_weights or {}
+    if first.checkpoint and not args.checkpoint:
+        p.error(f"{args.repo[0]} was exported from {first.checkpoint['file']}: pass --checkpoint")
     model = load_detector(
         args.checkpoint,
         args.vq_checkpoint,
         preset=seeded.get("preset", "full"),
         seed=seeded.get("seed", 0),
-        freq_bias=first["freq_bias"],
+        freq_bias=first.freq_bias,
     )
     specs = part_specs(model.cfg)
     pixels = synthetic_pixels(max(args.batches), model.cfg.image_size)
     tensors = eager_tensors(model, pixels)
     variants = {"eager": {part: spec.module(model) for part, spec in specs.items()}}
     for repo, manifest in manifests.items():
-        label = f"{Path(repo).name}: {manifest['runtime']} {manifest['precision']}"
+        label = f"{Path(repo).name}: {manifest.runtime} {manifest.precision}"
         variants[label] = {part: load_part(Path(repo), part) for part in PART_NAMES}
 
     load_before = os.getloadavg()
@@ -146,15 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_eager": round(eager * 1e3 / ms, 3),
             }
         )
-    info = machine_info("cpu")
+    info = machine("cpu")
     date = datetime.date.today().isoformat()
-    out_dir = args.out or RESULTS / f"{machine_slug(info)}-{date}"
+    out_dir = results_dir(info, args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"exported parts vs eager, {info['cpu']} ({info['cores']} cores), {date}"
     report = {
         "title": title,
         "machine": info,
-        "versions": versions(),
+        "versions": tool_versions(commit=True),
         "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [load_before, load_after],
         "repeats": args.repeats,

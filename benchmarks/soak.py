@@ -32,7 +32,6 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +40,12 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.bench import RESULTS, machine_info, machine_slug, server_policy, synthetic_images, versions
-from client.serve import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REPOSITORY, SHM_DIR, TritonServer, free_endpoints
+from benchmarks import RESULTS, results_dir
+from benchmarks.bench import server_policy, synthetic_images
 from d3qe import preprocess
 from d3qe.preprocess import MAX_IMAGE_BYTES, MAX_PIXELS
+from serving.host import machine, machine_slug, tool_versions
+from serving.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REPOSITORY, SHM_DIR, TritonServer, served
 
 SCORE_TOL = 1e-4  # the fixture's fp32 tolerance: batching with other requests may move a logit by ~1e-6
 OVERLOAD = re.compile(r"Exceeds maximum queue size|Request timeout expired")
@@ -356,15 +357,6 @@ def print_summary(summary: dict) -> None:
         print(f"  latency {outcome}: " + ", ".join(f"{k} {v:.3f} s" for k, v in lat.items()))
 
 
-@contextlib.contextmanager
-def _served(args: argparse.Namespace) -> Iterator[tuple[str, TritonServer | None]]:
-    if args.url:
-        yield args.url, None
-        return
-    with TritonServer(args.model_repository, free_endpoints()) as server:
-        yield server.endpoints.grpc_url, server
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="served on free loopback ports")
     p.add_argument("--url", help="soak this running server instead (loopback)")
@@ -381,11 +373,11 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0 or args.seconds <= 0 or not 0 <= args.bad_fraction <= 1:
         print("d3qe soak: need --rate > 0, --seconds > 0 and --bad-fraction in [0, 1]")
         return 2
-    info = machine_info("cpu")
+    info = machine("cpu")
     date = datetime.date.today().isoformat()
-    out_dir = args.out or RESULTS / f"{machine_slug(info)}-{date}"
+    out_dir = results_dir(info, args.out)
     with (
-        _served(args) as (url, server),
+        served(args.url, args.model_repository) as (url, server),
         grpcclient.InferenceServerClient(url) as client,
         tempfile.TemporaryDirectory(prefix="d3qe-soak-") as workdir,
     ):
@@ -402,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         "title": f"d3qe soak on {machine_slug(info)}, {date}",
         "date": date,
         "machine": info,
-        "versions": versions(),
+        "versions": tool_versions(commit=True),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "client_waited_s": round(throttled, 1),
         "server_policy": policy,

@@ -15,21 +15,21 @@ centred and the size kept, so runs are deterministic.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score
 from tqdm import tqdm
 
-from client.grpc_client import Item, ModelMismatchError, ServerNotReadyError
-from client.results import ScoreResult
-from client.score import Scorer, add_runtime_arguments, open_runtime
+from client.grpc_client import ModelMismatchError, ServerNotReadyError
+from client.results import InProcessRuntime, Item, Scorer, ScoreResult
+from client.score import add_runtime_arguments, open_runtime
 
 CLASSES = {"0_real": 0, "1_fake": 1}
 
@@ -124,6 +124,8 @@ class Metrics:
 
 def compute_metrics(generator: str, labels: np.ndarray, probs: np.ndarray, failed: int, threshold: float) -> Metrics:
     """Upstream's validate(): accuracy at P > threshold overall and per class, AP over P. NaN where undefined."""
+    from sklearn.metrics import accuracy_score, average_precision_score  # seconds to import: only when used
+
     pred = probs > threshold
     real, fake = labels == 0, labels == 1
     acc = accuracy_score(labels, pred) if labels.size else math.nan
@@ -226,19 +228,22 @@ def format_summary(settings: dict[str, list[Metrics]]) -> str:
     return "\n".join(["Acc / AP (%)", "", *lines])
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
     p.add_argument(
         "--dataroot", type=Path, required=True, help="DIR/<generator>/0_real|1_fake/* or DIR/0_real|1_fake/*"
     )
     p.add_argument("--generators", nargs="+", help="only these subfolders of DIR (default: all)")
-    add_runtime_arguments(p)
+    add_runtime_arguments(p, in_process)
     p.add_argument("--jpeg-quality", type=int, nargs="+", default=[], help="robustness: JPEG qualities, e.g. 95 75 50")
     p.add_argument("--crop-ratio", type=float, nargs="+", default=[], help="robustness: crop ratios, e.g. 0.9 0.5")
     p.add_argument("--out", type=Path, help="write metrics and every image's score to this JSON file")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> int:
+    if importlib.util.find_spec("sklearn") is None:
+        print("d3qe eval: its metrics need scikit-learn: pip install 'd3qe-serve[eval]'", file=sys.stderr)
+        return 2
     try:
         dataset = discover(args.dataroot)
         perturbations = [None, *map(jpeg, args.jpeg_quality), *map(crop, args.crop_ratio)]
@@ -251,12 +256,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"d3qe eval: no such generator folder(s) under {args.dataroot}: {missing}", file=sys.stderr)
             return 2
         dataset = {g: dataset[g] for g in args.generators}
-    runtime = args.url if args.runtime == "server" else "eager"
+    runtime = args.url if args.runtime == "server" else args.runtime
     settings: dict[str, list[Metrics]] = {}
     report = {"dataroot": str(args.dataroot), "runtime": args.runtime, "url": args.url, "settings": {}}
     failed = 0
     try:
-        with open_runtime(args) as score:
+        with open_runtime(args, in_process) as score:
             for perturbation in perturbations:
                 name = perturbation.name if perturbation else "clean"
                 rows, scored = evaluate(score, dataset, perturbation, args.threshold, args.progress)

@@ -33,14 +33,11 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
-from client.results import DEFAULT_THRESHOLD, ScoreResult
+from client.results import DEFAULT_THRESHOLD, Item, ScoreResult
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "d3qe"
 IMAGE, LOGIT, PROB = "IMAGE", "LOGIT", "PROB"
-
-# An image as the client takes it: its name in the results, and the encoded file (bytes) or a path to read.
-Item = tuple[str, bytes | Path]
 
 RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
 # Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.

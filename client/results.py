@@ -1,11 +1,22 @@
-"""The typed result of scoring one image, shared by every runtime and output format."""
+"""The types every runtime shares: the image it takes, the result it gives, and the in-process runtime plug.
+
+These are the only definitions of `client` that other tiers import (serving's in-process runtime
+produces `ScoreResult`s); this module imports nothing of ours.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-DEFAULT_THRESHOLD = 0.5  # upstream decides "generated" at P >= 0.5
+DEFAULT_THRESHOLD = 0.5  # upstream decides "generated" when P > 0.5
+
+# An image as every runtime takes it: its name in the results, and the encoded file (bytes) or a path to read.
+Item = tuple[str, bytes | Path]
 
 
 @dataclass(frozen=True)
@@ -38,3 +49,22 @@ class ScoreResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# A runtime scores items, one result each, in their order.
+Scorer = Callable[[Iterable[Item]], Iterator[ScoreResult]]
+
+
+@dataclass(frozen=True)
+class InProcessRuntime:
+    """A runtime other than the server that `d3qe score` and `d3qe eval` offer as `--runtime NAME`.
+
+    Defined by a higher tier (the eager model is `serving.inprocess.EAGER`) and handed to the commands by
+    the CLI, so that the client imports no model code: `add_arguments` adds its options, `open` turns the
+    parsed options into a `Scorer` for the duration of a `with` block.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    open: Callable[[argparse.Namespace], contextlib.AbstractContextManager[Scorer]]

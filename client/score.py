@@ -1,4 +1,4 @@
-"""`d3qe score`: score image files through the Triton server (default) or with the eager model in-process."""
+"""`d3qe score`: score image files through the Triton server (default) or an in-process runtime the CLI offers."""
 
 from __future__ import annotations
 
@@ -7,18 +7,12 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
-from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, Item, ModelMismatchError, ServerNotReadyError
-from client.model_args import add_weight_arguments, detector_from_args
-from client.results import DEFAULT_THRESHOLD, ScoreResult
-
-# A runtime scores (source, bytes or path) pairs, one result each, in order.
-Scorer = Callable[[Iterable[Item]], Iterator[ScoreResult]]
+from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ModelMismatchError, ServerNotReadyError
+from client.results import DEFAULT_THRESHOLD, InProcessRuntime, Scorer, ScoreResult
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -30,33 +24,6 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         else:
             yield p
-
-
-def score_eager(
-    model: torch.nn.Module, items: Iterable[Item], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
-) -> Iterator[ScoreResult]:
-    """Preprocess and score (source, bytes or path) pairs in batches; an image that fails to load is reported
-    and its batch goes on."""
-    from d3qe import ImageError, preprocess
-
-    def run(batch: list[tuple[str, torch.Tensor]]) -> Iterator[ScoreResult]:
-        with torch.inference_mode():
-            logits = model(torch.stack([t for _, t in batch])).squeeze(1).tolist()
-        for (source, _), logit in zip(batch, logits, strict=True):
-            yield ScoreResult.from_logit(source, logit, threshold)
-
-    batch: list[tuple[str, torch.Tensor]] = []
-    for source, image in items:
-        try:
-            batch.append((source, preprocess(image)))
-        except ImageError as e:
-            yield ScoreResult.failed(source, str(e))
-            continue
-        if len(batch) == batch_size:
-            yield from run(batch)
-            batch = []
-    if batch:
-        yield from run(batch)
 
 
 def write_results(results: Iterable[ScoreResult], fmt: str, out: TextIO | None = None) -> int:
@@ -80,13 +47,13 @@ def write_results(results: Iterable[ScoreResult], fmt: str, out: TextIO | None =
     return failed
 
 
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+def add_runtime_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
     """Where the model runs: options shared by `d3qe score` and `d3qe eval`."""
     p.add_argument(
         "--runtime",
-        choices=["server", "eager"],
+        choices=["server", *(r.name for r in in_process)],
         default="server",
-        help="the Triton server over gRPC (default), or the eager PyTorch model in this process",
+        help="the Triton server over gRPC (default)" + "".join(f"; {r.name}: {r.help}" for r in in_process),
     )
     p.add_argument("--url", default=DEFAULT_URL, help="server: gRPC address host:port")
     p.add_argument("--model", default=DEFAULT_MODEL, help="server: the ensemble taking encoded images")
@@ -103,18 +70,20 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="server: send images through system shared memory (client and server on one host)",
     )
-    add_weight_arguments(p, role="eager: ")
+    for runtime in in_process:
+        runtime.add_arguments(p)
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
 
 
 @contextlib.contextmanager
-def open_runtime(args: argparse.Namespace) -> Iterator[Scorer]:
+def open_runtime(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> Iterator[Scorer]:
     """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first."""
-    if args.runtime == "eager":
-        model = detector_from_args(args)
-        yield lambda items: score_eager(model, items, args.threshold, args.batch_size)
-        return
+    for runtime in in_process:
+        if args.runtime == runtime.name:
+            with runtime.open(args) as score:
+                yield score
+            return
     with D3QEClient(
         args.url,
         args.model,
@@ -128,18 +97,18 @@ def open_runtime(args: argparse.Namespace) -> Iterator[Scorer]:
         yield client.score
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
     p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
-    add_runtime_arguments(p)
+    add_runtime_arguments(p, in_process)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="one JSON object per line")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
     p.set_defaults(fmt="text")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> int:
     try:
-        with open_runtime(args) as score:
+        with open_runtime(args, in_process) as score:
             failed = write_results(score((str(p), p) for p in expand_paths(args.paths)), args.fmt)
     except (ServerNotReadyError, ModelMismatchError) as e:
         print(f"d3qe score: {e}", file=sys.stderr)

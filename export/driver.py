@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import sys
 import tempfile
@@ -10,13 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from client.model_args import add_weight_arguments, detector_from_args
 from d3qe import D3QE, CheckpointError, ImageError
-from export.manifest import new_manifest, sha256_file, write_manifest
-from export.parts import PartSpec, eager_tensors, part_specs
-from export.repository import write_repository
-from export.runtimes import TORCH_DTYPES, runner_for
+from d3qe.parts import PartSpec, eager_tensors, part_specs
 from export.validate import TOLERANCES, ValidationError, validate_chain, validate_part, validation_pixels
+from serving.host import machine, tool_versions
+from serving.inprocess import add_weight_arguments, detector_from_args
+from serving.manifest import Manifest, PartEntry, TensorEntry, checkpoint_record, sha256_file
+from serving.repository import write_repository
+from serving.runtimes import TORCH_DTYPES, runner_for
+from serving.server import DEFAULT_REPOSITORY
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -91,11 +94,43 @@ def _write_artifact(
     return path, extra
 
 
+def new_manifest(
+    model: D3QE,
+    *,
+    checkpoint: str | Path | None,
+    vq_checkpoint: str | Path | None,
+    preset: str,
+    seed: int,
+    runtime: str,
+    precision: str,
+    max_batch: int,
+    device: str,
+) -> Manifest:
+    """The manifest of an export about to be written: weights, architecture, machine and tools; no parts yet."""
+    return Manifest(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=machine(device),
+        tools=tool_versions(commit=True),
+        checkpoint=checkpoint_record(checkpoint),
+        vq_checkpoint=checkpoint_record(vq_checkpoint),
+        freq_bias=model.freq_bias,
+        config=model.cfg.to_json(),
+        runtime=runtime,
+        precision=precision,
+        max_batch=max_batch,
+        seeded_weights=None if checkpoint else {"preset": preset, "seed": seed},
+    )
+
+
+def _tensors(specs) -> list[TensorEntry]:
+    return [TensorEntry(**t.as_dict()) for t in specs]
+
+
 def _summary(measured: dict[str, dict]) -> str:
     parts = []
     for name, r in measured.items():
         if "agreement" in r:
-            parts.append(f"{name} {r['agreement']:.2%} equal")
+            parts.append(f"{name} {r['agreement']:.2%} equal ({r.get('near_ties', 0)} near-tie tokens)")
         elif "max_abs" in r:
             parts.append(f"{name} max|Δ| {r['max_abs']:.2g}")
         else:
@@ -119,7 +154,7 @@ def export_repository(
     device: str = "cpu",
     native_configs: bool = False,
     log: Callable[[str], None] = print,
-) -> dict:
+) -> Manifest:
     """Export, validate and describe the three parts of `model` under `out_dir`; returns the manifest.
 
     Writes `manifest.json` even when validation fails (with the failures in it), then raises ValidationError.
@@ -130,8 +165,9 @@ def export_repository(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = part_specs(model.cfg)
-    pixels, names = validation_pixels(images, model.cfg.image_size)
+    pixels, names = validation_pixels(images)
     reference = eager_tensors(model, pixels)
+    codebook = model.vq_model.quantize.embedding.weight.detach().numpy()
     manifest = new_manifest(
         model,
         checkpoint=checkpoint,
@@ -141,8 +177,9 @@ def export_repository(
         runtime=runtime,
         precision=precision,
         max_batch=max_batch,
+        device=device,
     )
-    manifest["validation_inputs"] = names
+    manifest.validation_inputs = names
     runners = {}
     for i, (name, spec) in enumerate(specs.items(), 1):
         precision_here = part_precision(spec, precision)
@@ -152,33 +189,33 @@ def export_repository(
         path, extra = _write_artifact(spec, model, out_dir, runtime, precision_here, max_batch, plugin)
         seconds = time.perf_counter() - start
         size = path.stat().st_size
-        manifest["parts"][name] = {
-            "runtime": runtime,
-            "precision": precision_here,
-            "file": str(path.relative_to(out_dir)),
-            "sha256": sha256_file(path),
-            "bytes": size,
-            "inputs": [t.as_dict() for t in spec.inputs],
-            "outputs": [t.as_dict() for t in spec.outputs],
-            "dynamic_axes": spec.dynamic_axes(),
-            "max_batch": max_batch,
-            "export_seconds": round(seconds, 1),
+        manifest.parts[name] = PartEntry(
+            runtime=runtime,
+            precision=precision_here,
+            file=str(path.relative_to(out_dir)),
+            sha256=sha256_file(path),
+            bytes=size,
+            inputs=_tensors(spec.inputs),
+            outputs=_tensors(spec.outputs),
+            dynamic_axes={t: {str(a): n for a, n in axes.items()} for t, axes in spec.dynamic_axes().items()},
+            max_batch=max_batch,
+            export_seconds=round(seconds, 1),
             **extra,
-        }
+        )
         log(f"      {path.relative_to(out_dir)}: {size / 1e6:.1f} MB in {seconds:.1f} s; validating …")
         runners[name] = runner_for(out_dir, manifest, name, device)
-        result = validate_part(runners[name], spec, reference, TOLERANCES[precision_here], max_batch)
-        manifest["parts"][name]["validation"] = result
+        result = validate_part(runners[name], spec, reference, TOLERANCES[precision_here], max_batch, codebook)
+        manifest.parts[name].validation = result
         verdict = "ok" if result["passed"] else "FAILED: " + "; ".join(result["problems"])
         log(f"      batches {', '.join(result['batches'])}: {_summary(result['worst'])} — {verdict}")
     log(f"end to end: {len(pixels)} images through the three artifacts …")
-    chain = validate_chain(runners, specs, reference, TOLERANCES[precision], max_batch)
-    manifest["end_to_end"] = chain
+    chain = validate_chain(runners, specs, reference, TOLERANCES[precision], max_batch, codebook)
+    manifest.end_to_end = chain
     log(f"      {_summary(chain['measured'])} — {'ok' if chain['passed'] else 'FAILED'}")
-    failures = [f"{n}: {p}" for n, e in manifest["parts"].items() for p in e["validation"]["problems"]]
+    failures = [f"{n}: {p}" for n, e in manifest.parts.items() for p in e.validation["problems"]]
     failures += [f"end to end: {p}" for p in chain["problems"]]
-    manifest["passed"] = not failures
-    write_manifest(out_dir, manifest)
+    manifest.passed = not failures
+    manifest.write(out_dir)
     if failures:
         raise ValidationError(
             f"the {runtime} {precision} export in {out_dir} is beyond tolerance (see its manifest.json):\n  "
@@ -193,7 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take")
-    p.add_argument("--out", type=Path, default=Path("model_repository"), help="the Triton repository to write")
+    p.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="the Triton repository to write")
     p.add_argument(
         "--images", nargs="*", type=Path, default=[], help="up to 8 images to validate on, besides seeded pixels"
     )
@@ -239,5 +276,5 @@ def run(args: argparse.Namespace) -> int:
     except (UnsupportedError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
         log(f"d3qe export: {e}")
         return 2
-    log(f"wrote {args.out / 'manifest.json'}: {len(manifest['parts'])} parts, validated")
+    log(f"wrote {args.out / 'manifest.json'}: {len(manifest.parts)} parts, validated")
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.parts import PartSpec
+from d3qe.parts import PartSpec
 
 WORKSPACE_BYTES = 4 << 30
 

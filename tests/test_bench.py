@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from client.cli import main
+from cli.main import main
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 
-from client.cli import main
+from cli.main import main
 
 LOGIT_TOL = 1e-4
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cli import main
+from cli.main import main
 from client.grpc_client import (
     AsyncD3QEClient,
     D3QEClient,
@@ -20,7 +20,7 @@ from client.grpc_client import (
     RetryPolicy,
     ServerNotReadyError,
 )
-from client.serve import TritonServer, free_endpoints
+from serving.server import TritonServer, free_endpoints
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

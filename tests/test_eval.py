@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from client.cli import main
+from cli.main import main
 from client.eval import compute_metrics, crop, discover, jpeg
 from client.results import ScoreResult
 

@@ -30,10 +30,11 @@ from tritonclient.utils import InferenceServerException
 
 import d3qe
 from benchmarks.soak import OVERLOAD, Case, cases, classify
-from client.cli import main
+from cli.main import main
 from client.grpc_client import D3QEClient, RetryPolicy
-from client.serve import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer, free_endpoints
-from export.repository import write_repository
+from serving.manifest import Manifest
+from serving.repository import write_repository
+from serving.server import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer, free_endpoints
 from tests.test_preprocess import _png_header_only
 from tests.test_server import LOGIT_TOL, _copy_models, image_input, pixels_input
 
@@ -159,8 +160,7 @@ def tight_repository(tiny_repository, tmp_path_factory) -> Path:
     """The tiny export with a tight gate: one batch admitted at a time, two more requests may wait."""
     repo = tmp_path_factory.mktemp("tight") / "repo"
     shutil.copytree(tiny_repository, repo)
-    manifest = (repo / "manifest.json").read_text()
-    write_repository(repo, json.loads(manifest), max_queue_size=2, admitted_batches=1)
+    write_repository(repo, Manifest.read(repo), max_queue_size=2, admitted_batches=1)
     return repo
 
 

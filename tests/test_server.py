@@ -6,7 +6,6 @@ Truth is the fixture: upstream's own logits for its images and tensors (fp32, wi
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import shutil
@@ -26,8 +25,11 @@ import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from client.cli import main
-from client.serve import (
+from cli.main import main
+from d3qe.parts import PART_NAMES as PARTS
+from serving.manifest import Manifest
+from serving.repository import write_repository
+from serving.server import (
     ServerError,
     TritonServer,
     find_tritonserver,
@@ -35,9 +37,6 @@ from client.serve import (
     prepare_backend_directory,
     server_environment,
 )
-from export.manifest import read_manifest
-from export.repository import PART_NAMES as PARTS
-from export.repository import write_repository
 from tests.test_preprocess import _png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -216,7 +215,7 @@ def test_serve_command_starts_answers_and_stops_cleanly(tiny_repository, tmp_pat
     args = ["--model-repository", str(repo), "--grpc-port", str(e.grpc_port)]
     args += ["--http-port", str(e.http_port), "--metrics-port", str(e.metrics_port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", *args],
+        [sys.executable, "-m", "cli.main", "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -273,7 +272,7 @@ def test_dynamic_batching_and_warmup_configured(tiny_repository):
 
 def test_gpu_parts_take_gpu_inputs_as_they_are(tiny_repository, tmp_path):
     """On a GPU the python backend would copy every input to the host unless told otherwise."""
-    write_repository(tmp_path, read_manifest(tiny_repository), device="cuda")
+    write_repository(tmp_path, Manifest.read(tiny_repository), device="cuda")
     for model in ("vq_encoder", "clip_visual", "d3qe_head"):
         config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), mc.ModelConfig())
         assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -286,7 +285,7 @@ def test_gpu_parts_take_gpu_inputs_as_they_are(tiny_repository, tmp_path):
 def native_repository(tiny_repository, tmp_path_factory) -> Path:
     """The tiny export's parts with `write_repository(..., native=True)`: configs/native.pbtxt beside each."""
     repo = _copy_models(tiny_repository, tmp_path_factory.mktemp("native") / "repo", *PARTS)
-    write_repository(repo, json.loads((repo / "manifest.json").read_text()), native=True)
+    write_repository(repo, Manifest.read(repo), native=True)
     for extra in set(os.listdir(repo)) - {*PARTS, "manifest.json"}:
         shutil.rmtree(repo / extra)  # the python-backend models and ensembles: not what this checks
     return repo

@@ -1,6 +1,7 @@
 """In-process runners of exported parts, read from a repository's manifest.
 
-`load_part(repo_dir, part)` is what the Triton python-backend models and the benchmarks call:
+`load_part(repo_dir, part)` is what the Triton python-backend model (`model_repository/part.py`), the
+export's validation and the benchmarks call:
 `runner(feeds)` takes numpy arrays by input name and returns numpy arrays by output name;
 `runner.run_tensors(feeds)` takes torch tensors on any device and returns them on the runner's, so
 that on a GPU the Triton models hand tensors from part to part without a trip through host memory.
@@ -14,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.manifest import config_of, read_manifest, sha256_file
-from export.parts import part_specs
+from serving.manifest import Manifest, PartEntry
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,35 +32,29 @@ def _dtype_name(dtype: np.dtype | torch.dtype) -> str:
 class PartRunner:
     """Checks the feeds against the part's declared inputs, then runs it (`_run` in each runtime)."""
 
-    def __init__(self, part: str, entry: dict) -> None:
+    def __init__(self, part: str, entry: PartEntry) -> None:
         self.part = part
-        self.inputs: list[dict] = entry["inputs"]
-        self.outputs: list[dict] = entry["outputs"]
-        self.max_batch: int = entry["max_batch"]
+        self.inputs = entry.inputs
+        self.outputs = entry.outputs
+        self.max_batch = entry.max_batch
+        self.input_names = entry.input_names
+        self.output_names = entry.output_names
         self.device = torch.device("cpu")
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t["name"] for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t["name"] for t in self.outputs]
 
     def check(self, feeds: dict[str, np.ndarray] | dict[str, torch.Tensor]) -> None:
         """Raise ValueError naming every missing input and every wrong dtype, shape or batch size."""
-        problems = [f"missing input {t['name']}" for t in self.inputs if t["name"] not in feeds]
+        problems = [f"missing input {t.name}" for t in self.inputs if t.name not in feeds]
         batches = set()
         for t in self.inputs:
-            if t["name"] not in feeds:
+            if t.name not in feeds:
                 continue
-            a = feeds[t["name"]]
+            a = feeds[t.name]
             dtype = _dtype_name(a.dtype)
-            if dtype != np.dtype(t["dtype"]).name:
-                problems.append(f"{t['name']} has dtype {dtype}, expected {t['dtype']}")
-            want = t["shape"]
+            if dtype != np.dtype(t.dtype).name:
+                problems.append(f"{t.name} has dtype {dtype}, expected {t.dtype}")
+            want = t.shape
             if a.ndim != len(want) or any(w != -1 and w != s for w, s in zip(want, a.shape, strict=False)):
-                problems.append(f"{t['name']} has shape {list(a.shape)}, expected {want} (-1: batch)")
+                problems.append(f"{t.name} has shape {list(a.shape)}, expected {want} (-1: batch)")
             elif a.ndim:
                 batches.add(a.shape[0])
         if len(batches) > 1:
@@ -91,7 +85,9 @@ class OnnxRuntimeRunner(PartRunner):
     CUDA nothing goes through host memory.
     """
 
-    def __init__(self, part: str, entry: dict, path: Path, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self, part: str, entry: PartEntry, path: Path, device: str = "cpu", threads: int | None = None
+    ) -> None:
         import onnxruntime as ort
 
         super().__init__(part, entry)
@@ -113,7 +109,7 @@ class OnnxRuntimeRunner(PartRunner):
         feeds = {n: t.to(self.device) for n, t in feeds.items()}
         batch = len(next(iter(feeds.values())))
         outputs = {
-            t["name"]: torch.empty((batch, *t["shape"][1:]), dtype=getattr(torch, t["dtype"]), device=self.device)
+            t.name: torch.empty((batch, *t.dims), dtype=getattr(torch, t.dtype), device=self.device)
             for t in self.outputs
         }
         binding = self.session.io_binding()
@@ -130,27 +126,44 @@ class OnnxRuntimeRunner(PartRunner):
 
 
 class TorchRunner(PartRunner):
-    """The part's eager module rebuilt from `model.safetensors` and the manifest's config."""
+    """The part's eager module (`d3qe.parts`), built on the meta device and filled from `model.safetensors`."""
 
     def __init__(
-        self, part: str, entry: dict, path: Path, manifest: dict, device: str = "cpu", threads: int | None = None
+        self, part: str, manifest: Manifest, path: Path, device: str = "cpu", threads: int | None = None
     ) -> None:
-        from export.torch_part import load_torch_part
+        import safetensors.torch
 
+        from d3qe import D3QE
+        from d3qe.parts import part_specs
+
+        entry = manifest.parts[part]
         super().__init__(part, entry)
         if threads:
             torch.set_num_threads(threads)  # process-wide: each Triton model instance is its own process
         self.device = torch.device(device)
-        spec = part_specs(config_of(manifest))[part]
-        dtype = TORCH_DTYPES[entry["precision"]]
-        self.module = load_torch_part(spec, config_of(manifest), manifest["freq_bias"], dtype, path, device)
+        cfg = manifest.d3qe_config()
+        tensors = safetensors.torch.load_file(str(path), device=device)
+        with torch.device("meta"):  # no random initialisation of weights about to be replaced
+            model = D3QE(cfg, freq_bias=manifest.freq_bias)
+            module = part_specs(cfg)[part].module(model, TORCH_DTYPES[entry.precision])
+        expected = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        missing, unknown = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+        if missing or unknown:
+            raise ValueError(f"{path} does not hold the {part} part: missing {missing[:10]}, unknown {unknown[:10]}")
+        persistent = module.state_dict().keys()
+        module.load_state_dict({k: tensors[k] for k in persistent}, strict=True, assign=True)
+        for name in expected.keys() - persistent:  # CLIP's mean/std: non-persistent buffers, saved all the same
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner).register_buffer(attr, tensors[name], persistent=False)
+        self.module = module.eval()
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [feeds[n].to(self.device) for n in self.input_names]
         with torch.inference_mode():
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        return dict(zip(self.output_names, outs, strict=True))
+        # .contiguous(): a permuted view (the VQ residual) cannot leave through DLPack to the next Triton step
+        return {n: t.contiguous() for n, t in zip(self.output_names, outs, strict=True)}
 
 
 class TensorRTRunner(PartRunner):
@@ -159,7 +172,7 @@ class TensorRTRunner(PartRunner):
     An engine built with the fused-attention plugin carries its ahead-of-time kernel: nothing to register.
     """
 
-    def __init__(self, part: str, entry: dict, path: Path, device: str = "cuda") -> None:
+    def __init__(self, part: str, entry: PartEntry, path: Path, device: str = "cuda") -> None:
         import tensorrt as trt
 
         super().__init__(part, entry)
@@ -191,40 +204,28 @@ class TensorRTRunner(PartRunner):
 
 
 def runner_for(
-    repo_dir: Path, manifest: dict, part: str, device: str = "cpu", threads: int | None = None
+    repo_dir: Path, manifest: Manifest, part: str, device: str = "cpu", threads: int | None = None
 ) -> PartRunner:
-    """The runner of `part` as `manifest` describes it (validated or not: the export validates through this)."""
-    entry = manifest["parts"][part]
-    path = Path(repo_dir) / entry["file"]
+    """The runner of `part` as `manifest` describes it, unchecked: the export validates its artifacts through this."""
+    entry = manifest.parts[part]
+    path = Path(repo_dir) / entry.file
     if not path.is_file():
         raise FileNotFoundError(f"{part}: artifact {path} named in the manifest is missing")
-    runtime = entry["runtime"]
-    if runtime == "onnxruntime":
+    if entry.runtime == "onnxruntime":
         return OnnxRuntimeRunner(part, entry, path, device, threads)
-    if runtime == "torch":
-        return TorchRunner(part, entry, path, manifest, device, threads)
-    if runtime == "tensorrt":
+    if entry.runtime == "torch":
+        return TorchRunner(part, manifest, path, device, threads)
+    if entry.runtime == "tensorrt":
         return TensorRTRunner(part, entry, path, device)
-    raise ValueError(f"{part}: unknown runtime {runtime!r} in the manifest")
+    raise ValueError(f"{part}: unknown runtime {entry.runtime!r} in the manifest")
 
 
 def load_part(repo_dir: Path, part: str, device: str = "cpu", threads: int | None = None) -> PartRunner:
-    """The runner of one exported part of the repository at `repo_dir`; refuses parts that failed validation
-    and artifacts that are not the files validated (truncated or altered ones may still load, then score wrongly).
+    """The runner of one exported part of the repository at `repo_dir`, its artifact checked first
+    (`Manifest.artifact`: validated at export, and the very file validated).
 
     `threads`: intra-op threads on CPU (ONNX Runtime, torch); None leaves the runtime's default.
     """
-    manifest = read_manifest(Path(repo_dir))
-    if part not in manifest["parts"]:
-        raise KeyError(f"{repo_dir}: no part {part!r} in the manifest; it has {sorted(manifest['parts'])}")
-    entry = manifest["parts"][part]
-    validation = entry.get("validation", {})
-    if not validation.get("passed"):
-        raise ValueError(f"{repo_dir}: {part} failed validation at export: {validation.get('problems')}")
-    path = Path(repo_dir) / entry["file"]
-    if path.is_file() and sha256_file(path) != entry["sha256"]:
-        raise ValueError(
-            f"{part}: {path} is not the file exported (its sha256 differs from manifest.json): "
-            "corrupt or changed since the export; export again"
-        )
+    manifest = Manifest.read(Path(repo_dir))
+    manifest.artifact(Path(repo_dir), part)
     return runner_for(Path(repo_dir), manifest, part, device, threads)

@@ -1,9 +1,9 @@
 """The three parts the Triton ensemble runs, each declared once (the Optimum way).
 
 A part declares its input and output tensors (name, dtype, shape with a symbolic batch axis), the
-ONNX opset, which outputs must agree exactly (code indices), which D³QE state-dict keys it reads,
-and the `nn.Module` wrapper that exposes it over a loaded `D3QE`. Everything else (ONNX export,
-validation, manifests, Triton configs, runners) reads these declarations.
+ONNX opset, which outputs must agree exactly (code indices), and the `nn.Module` wrapper that exposes
+it over a loaded `D3QE`. Everything else reads these declarations: the export (ONNX, TensorRT,
+validation, manifests) and the serving tier (the torch runtime rebuilds a part's module from them).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from d3qe.config import D3QEConfig
 
 BATCH = "batch"  # the symbolic batch axis, axis 0 of every tensor
 OPSET = 18  # export/onnx_attention.py writes opset-18 onnxscript
+PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")  # in the order the ensemble runs them
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
     residual = TensorSpec("RESIDUAL", "float32", (BATCH, cfg.vq.codebook_dim, grid, grid))
     indices = TensorSpec("INDICES", "int64", (BATCH, grid * grid))
     clip_feat = TensorSpec("CLIP_FEAT", "float32", (BATCH, cfg.clip.output_dim))
-    parts = [
+    parts = [  # in PART_NAMES' order
         PartSpec(
             "vq_encoder",
             VQEncoder,
@@ -171,8 +172,6 @@ def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
     ]
     return {p.name: p for p in parts}
 
-
-PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")
 
 
 def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Triton python-backend model `preprocess`: IMAGE (encoded image bytes) → PIXELS float32 [3, 256, 256].
 
-`export.repository.write_repository` copies this file to `<repository>/preprocess/1/model.py`.
+`serving.repository.write_repository` copies this file to `<repository>/preprocess/1/model.py`.
 PIXELS is upstream's eval transform (`d3qe.preprocess`). Each request is answered on its own: an
 empty, undecodable, truncated, too small or oversized image (`d3qe.preprocess` limits: MIN_SIDE,
 MAX_PIXELS, MAX_IMAGE_BYTES) gets an error response naming the problem, INVALID_ARG with a message

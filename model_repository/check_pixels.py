@@ -1,6 +1,6 @@
 """Triton python-backend model `check_pixels`: the first step of `d3qe_tensor`, PIXELS → CHECKED (the same tensor).
 
-`export.repository.write_repository` copies this file to `<repository>/check_pixels/1/model.py`.
+`serving.repository.write_repository` copies this file to `<repository>/check_pixels/1/model.py`.
 A request whose PIXELS are not finite values in [0, 1] (the eval transform's range: raw 0–255 bytes
 or [-1, 1] normalised pixels are common mistakes) gets its own error response, INVALID_ARG, its message
 starting "PIXELS: " (how the gate in front of the ensemble tells a client's mistake).

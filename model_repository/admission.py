@@ -1,7 +1,8 @@
 """Triton python-backend model `d3qe` (and `d3qe_tensor`): the gate in front of its ensemble.
 
-`export.repository.write_repository` copies this file to `<repository>/d3qe/1/model.py` and
-`<repository>/d3qe_tensor/1/model.py`; the config's `ensemble` parameter names the ensemble behind it.
+`serving.repository.write_repository` copies this file to `<repository>/d3qe/1/model.py` and
+`<repository>/d3qe_tensor/1/model.py`; its config's typed parameters (`serving.model_params.GateParameters`)
+name the ensemble behind it.
 Overload is refused by this model's queue policy, before any work (see `admission_config`). Each
 instance forwards the requests of one batch to the ensemble, one request each, and answers them when
 they come back: the instances bound the work inside the ensemble, and every request gets the
@@ -16,11 +17,13 @@ import re
 
 import triton_python_backend_utils as pb_utils
 
+from serving.model_params import GateParameters
+
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        self.ensemble = config["parameters"]["ensemble"]["string_value"]
+        self.ensemble = GateParameters.from_config(config).ensemble
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         # The python backend (2.51) returns a BLS error without its status code: always INTERNAL. The steps

@@ -1,8 +1,9 @@
 """Triton python-backend model shared by `vq_encoder`, `clip_visual` and `d3qe_head`.
 
-`export.repository.write_repository` copies this file to `<repository>/<part>/1/model.py` for each
-part. The model hosts the exported artifact through `export.runtimes.load_part` (ONNX Runtime,
-TensorRT or torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
+`serving.repository.write_repository` copies this file to `<repository>/<part>/1/model.py` for each
+part; its config's typed parameters (`serving.model_params.PartParameters`) say which part it hosts.
+The model runs the exported artifact through `serving.runtimes.load_part` (ONNX Runtime, TensorRT or
+torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
 are concatenated along the batch axis, run once and split back. Tensors pass in and out through
 DLPack: on a GPU instance the parts hand each other device memory, never host copies. Inputs were
 checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients).
@@ -16,17 +17,18 @@ from pathlib import Path
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.runtimes import load_part
+from serving.model_params import PartParameters
+from serving.runtimes import load_part
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.part = args["model_name"]
+        params = PartParameters.from_config(config)
+        self.part = params.part
         device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
-        threads = int(params["intra_op_threads"]) if "intra_op_threads" in params else None
-        self.runner = load_part(Path(args["model_repository"]).parent, self.part, device, threads=threads)
+        repository = Path(args["model_repository"]).parent
+        self.runner = load_part(repository, self.part, device, threads=params.intra_op_threads)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

@@ -4,7 +4,7 @@ The server binary comes from the `nvidia-pytriton` wheel (or a `tritonserver` on
 its Python backend without a stub in the backend folder: the stub for this Python is copied beside it.
 The stub embeds libpython and finds its prefix through the `python3` on PATH, so the server is launched
 with this interpreter's bin folder first on PATH: python-backend models then import this environment's
-packages (`d3qe`, `export`, onnxruntime).
+packages (`d3qe`, `serving`, onnxruntime).
 
 Secure by default: every endpoint on loopback; model control off (`--model-control-mode=none`); the
 model-repository, logging and trace APIs, and system/CUDA shared memory, restricted to a header whose
@@ -14,7 +14,7 @@ regions included (their names are listed there): opt in (`shared_memory=True`, `
 --shared-memory`) only where every client is trusted.
 
 tritonserver 2.51 has no request-size option (it takes gRPC messages up to 2 GiB), so clients reach
-gRPC through `client.grpc_front.GrpcFront`, which refuses requests above `max_request_bytes` and never
+gRPC through `serving.grpc_front.GrpcFront`, which refuses requests above `max_request_bytes` and never
 cancels a call to Triton; Triton's own gRPC and HTTP endpoints listen on loopback only (HTTP is used
 for readiness). `max_request_bytes=None` (`d3qe serve --max-request-mb 0`) serves Triton's gRPC
 directly, unbounded, on the given host.
@@ -42,14 +42,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import IO
 
-from client.grpc_front import GrpcFront
+from serving.grpc_front import GrpcFront
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+# Where `d3qe export` writes and `d3qe serve` reads, relative to the working directory (`build/` is the
+# checkout's ignored folder; the package `model_repository/` holds the models' code, not an export).
+DEFAULT_REPOSITORY = Path("build") / "model_repository"
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 600.0  # the full model's five python-backend processes each import torch and load weights
 STOP_TIMEOUT_S = 60.0
@@ -405,6 +408,16 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def served(url: str | None, repo: Path) -> Iterator[tuple[str, TritonServer | None]]:
+    """The given server's gRPC URL (and no server), or one started on `repo` on free loopback ports for the duration."""
+    if url:
+        yield url, None
+        return
+    with TritonServer(repo, free_endpoints()) as server:
+        yield server.endpoints.grpc_url, server
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,37 +11,36 @@ import sys
 import time
 from pathlib import Path
 
-from client.model_args import add_weight_arguments, detector_from_args
 from client.results import ScoreResult
-from client.serve import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
+from serving.inprocess import add_weight_arguments, detector_from_args
+from serving.manifest import Manifest
+from serving.server import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
 
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny" / "images"
+SAMPLE_IMAGES = Path(__file__).resolve().parent / "samples"  # package data: the tiny fixture's seven images
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def reusable_export(repo: Path, args: argparse.Namespace) -> dict | None:
+def reusable_export(repo: Path, args: argparse.Namespace) -> Manifest | None:
     """The manifest of a validated export at `repo` of exactly these weights, with intact artifacts; else None."""
-    from export.manifest import checkpoint_record, read_manifest, sha256_file
+    from serving.manifest import checkpoint_record
 
     try:
-        manifest = read_manifest(repo)
+        manifest = Manifest.read(repo)
+        for part in manifest.parts:
+            manifest.artifact(repo, part)
     except (FileNotFoundError, ValueError):
         return None
     same_weights = (
-        manifest.get("passed")
-        and manifest["freq_bias"] == args.freq_bias
-        and manifest["checkpoint"] == checkpoint_record(args.checkpoint)
-        and manifest["vq_checkpoint"] == checkpoint_record(args.vq_checkpoint)
-        and (args.checkpoint or manifest.get("seeded_weights") == {"preset": args.preset, "seed": args.seed})
+        manifest.passed
+        and manifest.freq_bias == args.freq_bias
+        and manifest.checkpoint == checkpoint_record(args.checkpoint)
+        and manifest.vq_checkpoint == checkpoint_record(args.vq_checkpoint)
+        and (args.checkpoint or manifest.seeded_weights == {"preset": args.preset, "seed": args.seed})
     )
-    intact = all(
-        (repo / e["file"]).is_file() and sha256_file(repo / e["file"]) == e["sha256"]
-        for e in manifest["parts"].values()
-    )
-    return manifest if same_weights and intact else None
+    return manifest if same_weights else None
 
 
 def compare(served: list[ScoreResult], eager: list[ScoreResult], tolerance: float) -> tuple[float, int, bool]:
@@ -71,11 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from client.grpc_client import D3QEClient
-    from client.score import expand_paths, score_eager
+    from client.score import expand_paths
     from d3qe import CheckpointError
     from export.driver import export_repository
-    from export.repository import write_repository
     from export.validate import TOLERANCES, ValidationError
+    from serving.inprocess import score_eager
+    from serving.repository import write_repository
 
     repo = args.model_repository.resolve()
     items = [(str(p), p) for p in expand_paths(args.images)]
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _say("[4/4] the eager PyTorch model on the same images:")
     eager = list(score_eager(model, items))
-    tolerance = TOLERANCES[manifest["precision"]].max_abs["LOGIT"]  # the export's own, per precision
+    tolerance = TOLERANCES[manifest.precision].max_abs["LOGIT"]  # the export's own, per precision
     worst, agree, ok = compare(served, eager, tolerance)
     _say(
         f"max |Δlogit| served vs eager: {worst:.2e} (tolerance {tolerance:g}); "

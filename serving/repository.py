@@ -1,8 +1,10 @@
 """The Triton model repository around the exported parts: configs, python-backend models, ensembles and their gates.
 
 Every config is built as tritonclient's `ModelConfig` protobuf message and written in its text format,
-so each field is one Triton knows. Layout written under `out_dir` (the parts' artifacts and
-`manifest.json` are the export driver's):
+so each field is one Triton knows. The python-backend models are the package `model_repository`'s
+modules, each copied in as `<model>/1/model.py`; the parameters they read are typed
+(`serving.model_params`). Layout written under `out_dir` (the parts' artifacts and `manifest.json`
+are the export's):
 
     preprocess/    config.pbtxt, 1/model.py, warmup/image   IMAGE bytes → PIXELS
     check_pixels/  config.pbtxt, 1/model.py                 PIXELS → CHECKED (finite, in [0, 1])
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +32,11 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
-from d3qe.config import D3QEConfig
+from d3qe.parts import PART_NAMES
+from serving.manifest import Manifest, PartEntry, TensorEntry
+from serving.model_params import GateParameters, PartParameters
 
-SOURCES = Path(__file__).resolve().parents[1] / "model_repository"
-PREPROCESS_SOURCE = SOURCES / "preprocess_model.py"
-CHECK_PIXELS_SOURCE = SOURCES / "check_pixels_model.py"
-PART_SOURCE = SOURCES / "part_model.py"
-ADMISSION_SOURCE = SOURCES / "admission_model.py"
-PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")
+MODELS_PACKAGE = "model_repository"  # its modules are the python-backend models, shipped as package code
 VERSION = "1"
 NATIVE_CONFIG_NAME = "native"
 NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
@@ -54,9 +53,9 @@ def _data_type(dtype: str) -> int:
     return mc.DataType.Value("TYPE_" + np_to_triton_dtype(np.dtype(dtype)).replace("BYTES", "STRING"))
 
 
-def _add_tensors(fields, specs: list[dict]) -> None:
+def _add_tensors(fields, specs: list[TensorEntry]) -> None:
     for t in specs:
-        fields.add(name=t["name"], data_type=_data_type(t["dtype"]), dims=list(t["shape"][1:]))
+        fields.add(name=t.name, data_type=_data_type(t.dtype), dims=t.dims)
 
 
 def _preferred_batch_sizes(max_batch: int) -> list[int]:
@@ -83,38 +82,43 @@ def default_threads(instances: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // (2 * instances))
 
 
+def _parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+
+
 def part_config(
-    name: str, entry: dict, *, device: str, instances: int, threads: int, queue_delay_us: int
+    name: str, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
 ) -> mc.ModelConfig:
     """The python-backend model hosting one exported part (`entry`: the part's manifest record)."""
     config = mc.ModelConfig(name=name, backend="python")
-    _batching(config, entry["max_batch"], queue_delay_us)
-    _add_tensors(config.input, entry["inputs"])
-    _add_tensors(config.output, entry["outputs"])
+    _batching(config, entry.max_batch, queue_delay_us)
+    _add_tensors(config.input, entry.inputs)
+    _add_tensors(config.output, entry.outputs)
     _instances(config, device, instances)
-    config.parameters["intra_op_threads"].string_value = str(threads)
+    _parameters(config, PartParameters(name, threads).to_parameters())
     if device == "cuda":  # a GPU step's output reaches the next GPU step as it is (DLPack), not via the host
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     warmup = config.model_warmup.add(name="zeros", batch_size=1)
-    for t in entry["inputs"]:
-        warmup.inputs[t["name"]].data_type = _data_type(t["dtype"])
-        warmup.inputs[t["name"]].dims.extend(t["shape"][1:])
-        warmup.inputs[t["name"]].zero_data = True
+    for t in entry.inputs:
+        warmup.inputs[t.name].data_type = _data_type(t.dtype)
+        warmup.inputs[t.name].dims.extend(t.dims)
+        warmup.inputs[t.name].zero_data = True
     return config
 
 
 def native_config(
-    name: str, entry: dict, *, device: str, instances: int, threads: int, queue_delay_us: int
+    name: str, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
 ) -> mc.ModelConfig:
     """The same part on NVIDIA's native ONNX Runtime / TensorRT backend (not runnable with the pytriton wheel)."""
     config = mc.ModelConfig(
-        name=name, platform=NATIVE_PLATFORMS[entry["runtime"]], default_model_filename=Path(entry["file"]).name
+        name=name, platform=NATIVE_PLATFORMS[entry.runtime], default_model_filename=Path(entry.file).name
     )
-    _batching(config, entry["max_batch"], queue_delay_us)
-    _add_tensors(config.input, entry["inputs"])
-    _add_tensors(config.output, entry["outputs"])
+    _batching(config, entry.max_batch, queue_delay_us)
+    _add_tensors(config.input, entry.inputs)
+    _add_tensors(config.output, entry.outputs)
     _instances(config, device, instances)
-    if entry["runtime"] == "onnxruntime":
+    if entry.runtime == "onnxruntime":
         config.parameters["intra_op_thread_count"].string_value = str(threads)
     return config
 
@@ -132,33 +136,35 @@ def preprocess_config(max_batch: int, image_size: int, queue_delay_us: int) -> m
     return config
 
 
-def check_pixels_config(max_batch: int, pixels: dict, queue_delay_us: int) -> mc.ModelConfig:
+def check_pixels_config(max_batch: int, pixels: TensorEntry, queue_delay_us: int) -> mc.ModelConfig:
     config = mc.ModelConfig(name="check_pixels", backend="python")
     _batching(config, max_batch, queue_delay_us)
     _add_tensors(config.input, [pixels])
-    _add_tensors(config.output, [dict(pixels, name="CHECKED")])
+    _add_tensors(config.output, [TensorEntry("CHECKED", pixels.dtype, pixels.shape)])
     _instances(config, "cpu", 1)
     return config
 
 
-def ensemble_config(name: str, entries: dict[str, dict], max_batch: int, *, from_image: bool) -> mc.ModelConfig:
+def ensemble_config(
+    name: str, entries: dict[str, PartEntry], max_batch: int, *, from_image: bool
+) -> mc.ModelConfig:
     """IMAGE → preprocess, or PIXELS → check_pixels; then vq_encoder ∥ clip_visual → d3qe_head."""
     config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
     first, source, result = ("preprocess", "IMAGE", "PIXELS") if from_image else ("check_pixels", "PIXELS", "CHECKED")
     if from_image:
         config.input.add(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1])
     else:
-        _add_tensors(config.input, entries["vq_encoder"]["inputs"])
-    _add_tensors(config.output, entries["d3qe_head"]["outputs"])
+        _add_tensors(config.input, entries["vq_encoder"].inputs)
+    _add_tensors(config.output, entries["d3qe_head"].outputs)
     step = config.ensemble_scheduling.step.add(model_name=first, model_version=-1)
     step.input_map[source] = source
     step.output_map[result] = "pixels"  # ensemble-internal name; the ensemble's own input may be called PIXELS
     for part in PART_NAMES:
         step = config.ensemble_scheduling.step.add(model_name=part, model_version=-1)
-        for t in entries[part]["inputs"]:
-            step.input_map[t["name"]] = "pixels" if t["name"] == "PIXELS" else t["name"]
-        for t in entries[part]["outputs"]:
-            step.output_map[t["name"]] = t["name"]
+        for t in entries[part].inputs:
+            step.input_map[t.name] = "pixels" if t.name == "PIXELS" else t.name
+        for t in entries[part].outputs:
+            step.output_map[t.name] = t.name
     return config
 
 
@@ -190,7 +196,7 @@ def admission_config(
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may ask to be refused sooner, never later
     _instances(config, "cpu", batches)
-    config.parameters["ensemble"].string_value = ensemble.name
+    _parameters(config, GateParameters(ensemble.name).to_parameters())
     return config
 
 
@@ -209,16 +215,17 @@ def _write_config(path: Path, config: mc.ModelConfig) -> Path:
     return path
 
 
-def _install_source(source: Path, model_dir: Path) -> Path:
+def _install_model(module: str, model_dir: Path) -> Path:
+    """`model_repository/<module>.py` as the model's `1/model.py` (read as package data: it runs only in Triton)."""
     dest = model_dir / VERSION / "model.py"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, dest)
+    dest.write_bytes((resources.files(MODELS_PACKAGE) / f"{module}.py").read_bytes())
     return dest
 
 
 def write_repository(
     out_dir: Path,
-    manifest: dict,
+    manifest: Manifest,
     *,
     native: bool = False,
     device: str = "cpu",
@@ -239,35 +246,35 @@ def write_repository(
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     out_dir = Path(out_dir)
-    cfg = D3QEConfig.from_json(manifest["config"])
-    entries = {part: manifest["parts"][part] for part in PART_NAMES}
+    cfg = manifest.d3qe_config()
+    entries = {part: manifest.parts[part] for part in PART_NAMES}
     threads = threads or default_threads(instances)
-    max_batch = min(e["max_batch"] for e in entries.values())
+    max_batch = min(e.max_batch for e in entries.values())
     options = {"device": device, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us}
     written = []
     for part, entry in entries.items():
         written.append(_write_config(out_dir / part / "config.pbtxt", part_config(part, entry, **options)))
-        written.append(_install_source(PART_SOURCE, out_dir / part))
+        written.append(_install_model("part", out_dir / part))
         native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
-        if native and entry["runtime"] in NATIVE_PLATFORMS:
+        if native and entry.runtime in NATIVE_PLATFORMS:
             written.append(_write_config(native_path, native_config(part, entry, **options)))
         else:
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
     pre = out_dir / "preprocess"
     written.append(_write_config(pre / "config.pbtxt", preprocess_config(max_batch, cfg.image_size, queue_delay_us)))
-    written.append(_install_source(PREPROCESS_SOURCE, pre))
+    written.append(_install_model("preprocess", pre))
     (pre / "warmup").mkdir(exist_ok=True)
     (pre / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(cfg.image_size))
     written.append(pre / "warmup" / WARMUP_IMAGE)
-    pixels = entries["vq_encoder"]["inputs"][0]
+    pixels = entries["vq_encoder"].inputs[0]
     check = out_dir / "check_pixels"
     written.append(_write_config(check / "config.pbtxt", check_pixels_config(max_batch, pixels, queue_delay_us)))
-    written.append(_install_source(CHECK_PIXELS_SOURCE, check))
+    written.append(_install_model("check_pixels", check))
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
     for gate, from_image in (("d3qe", True), ("d3qe_tensor", False)):
         ensemble = ensemble_config(GATES[gate], entries, max_batch, from_image=from_image)
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
         written.append(_write_config(out_dir / gate / "config.pbtxt", admission_config(gate, ensemble, **policy)))
-        written.append(_install_source(ADMISSION_SOURCE, out_dir / gate))
+        written.append(_install_model("admission", out_dir / gate))
     return written

@@ -1,0 +1,61 @@
+"""The `d3qe` command: one subcommand per tier's module, imported only when it is the one asked for.
+
+`d3qe --help` imports none of them, and `d3qe score --url …` imports the client alone (no torch):
+the in-process runtimes `score` and `eval` offer are handed to them from here, the top tier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # holds add_arguments(parser[, in_process]) and run(args[, in_process])
+    help: str
+    in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER) beside the server
+
+
+COMMANDS = {
+    "score": Command("client.score", "score images: path, logit, probability, verdict", in_process=True),
+    "eval": Command(
+        "client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", True
+    ),
+    "export": Command("export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts"),
+    "serve": Command("serving.server", "run the Triton server on an exported model repository (foreground, loopback)"),
+    "demo": Command("cli.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
+    "bench": Command("benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton"),
+    "fidelity": Command(
+        "benchmarks.fidelity", "what each runtime and precision does to the scores, on the fidelity corpus"
+    ),
+    "soak": Command("benchmarks.soak", "good and bad requests above capacity for a bounded time: all accounted for"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="d3qe", description="D³QE detector: export, serve, score.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand is listed; only the one named on the command line is imported and given its options.
+    chosen = next((a for a in argv if not a.startswith("-")), None)  # `d3qe` has no options but --help
+    parsers = {name: sub.add_parser(name, help=c.help, description=c.help) for name, c in COMMANDS.items()}
+    if chosen not in COMMANDS:
+        parser.parse_args(argv)  # --help, or an error naming the valid commands
+        return 2
+    command = COMMANDS[chosen]
+    module = importlib.import_module(command.module)
+    extra = {}
+    if command.in_process:
+        from serving.inprocess import EAGER
+
+        extra["in_process"] = [EAGER]
+    module.add_arguments(parsers[chosen], **extra)
+    args = parser.parse_args(argv)
+    return module.run(args, **extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

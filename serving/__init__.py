@@ -1,0 +1,12 @@
+"""The serving tier: what runs while D³QE is served, apart from the build-time export.
+
+- `manifest`: the typed `manifest.json` an export writes, its one reader and artifact check
+- `runtimes`: in-process runners of exported parts (ONNX Runtime, TensorRT, torch), `load_part`
+- `inprocess`: the eager model in this process (`d3qe score --runtime eager`) and the weight options
+- `model_params`: the typed parameters of the python-backend models in `model_repository/`
+- `repository`: the Triton model repository writer (configs, ensembles, gates)
+- `server`: the `tritonserver` launcher (`d3qe serve`); `grpc_front`: the size-limiting gRPC front
+- `host`: the machine and tool versions every record carries
+
+It imports the model (`d3qe`) and the client's result types (`client.results`), nothing of `export/`.
+"""

@@ -1,0 +1,85 @@
+"""The machine a number was measured on and the tools it ran with: the one home of both.
+
+Manifests and every benchmark's results record these, so that numbers can be compared only where the
+machine and the tools are the same.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+# The SIMD extensions that decide CPU speed here (AVX-512 and AMX run bf16/int8 matmuls natively).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+TOOLS = (
+    "torch",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "triton",
+    "open_clip_torch",
+    "numpy",
+    "tritonclient",
+    "nvidia-pytriton",
+)
+
+
+def machine(device: str = "cpu") -> dict:
+    """CPU model, cores, the SIMD extensions that matter, memory, load at the time of the call; the GPU on cuda."""
+    cpu, flags = platform.processor() or "unknown CPU", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        text = cpuinfo.read_text()
+        if name := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+            cpu = name.group(1).strip()
+        if found := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
+            flags = set(found.group(1).split())
+    info = {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "device": device,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # was the machine idle?
+    }
+    if "torch" in sys.modules:  # only where the caller runs torch: importing it costs seconds
+        info["torch_threads"] = sys.modules["torch"].get_num_threads()
+    if device.startswith("cuda"):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_slug(info: dict) -> str:
+    """A folder name for results from this machine: the GPU's name, else cores and CPU model."""
+    if "gpu" in info:
+        return re.sub(r"[^a-z0-9]+", "-", info["gpu"].lower()).strip("-")
+    cpu = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40].strip("-")
+    return f"cpu{info['cores']}c-{cpu}"
+
+
+def tool_versions(*, commit: bool = False) -> dict[str, str | None]:
+    """Python and every installed tool of `TOOLS`; with `commit`, this checkout's git commit (None outside one)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if commit:
+        here = Path(__file__).resolve().parent
+        git = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=False
+        )
+        versions["d3qe-serve commit"] = git.stdout.strip() or None
+    return versions

@@ -1,0 +1,187 @@
+"""`manifest.json` beside the artifacts: what was exported, from what, with what, and how it validated.
+
+One typed record (`Manifest`, its `PartEntry`s and their `TensorEntry`s), one reader (`Manifest.read`,
+which checks the format and every field) and one artifact check (`Manifest.artifact`). The export
+writes it; the runners, the repository writer, the demo and the benchmarks read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+FORMAT = "d3qe-export/1"
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, of another format, or whose fields are not what this version writes."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_record(path: str | Path | None) -> dict | None:
+    """Name, sha256 and size of a weights file (None: seeded weights)."""
+    if path is None:
+        return None
+    path = Path(path)
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int]  # -1: the batch axis
+
+    @property
+    def dims(self) -> list[int]:
+        """The shape without the batch axis, as Triton configs state it."""
+        return self.shape[1:]
+
+
+@dataclass
+class PartEntry:
+    runtime: str  # onnxruntime, tensorrt or torch
+    precision: str
+    file: str  # relative to the repository
+    sha256: str
+    bytes: int
+    inputs: list[TensorEntry]
+    outputs: list[TensorEntry]
+    dynamic_axes: dict[str, dict[str, str]]
+    max_batch: int
+    export_seconds: float
+    validation: dict = field(default_factory=dict)  # export.validate.validate_part's record
+    opset: int | None = None
+    quantization: str | None = None
+    source_onnx: str | None = None  # tensorrt: the ONNX the engine was built from
+    plugin: bool = False  # tensorrt: D³AT attention through the fused-kernel plugin
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.validation.get("passed"))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class Manifest:
+    created: str
+    machine: dict
+    tools: dict
+    checkpoint: dict | None
+    vq_checkpoint: dict | None
+    freq_bias: str
+    config: dict  # D3QEConfig.to_json()
+    runtime: str
+    precision: str
+    max_batch: int
+    parts: dict[str, PartEntry] = field(default_factory=dict)
+    seeded_weights: dict | None = None  # {"preset", "seed"} without a checkpoint: the scores mean nothing
+    validation_inputs: list[str] = field(default_factory=list)
+    end_to_end: dict | None = None
+    passed: bool = False
+    format: str = FORMAT
+
+    def d3qe_config(self) -> Any:
+        """The architecture as `d3qe.config.D3QEConfig` (imported here: reading a manifest needs no torch)."""
+        from d3qe.config import D3QEConfig
+
+        return D3QEConfig.from_json(self.config)
+
+    def describe(self) -> tuple[str, str]:
+        """'runtime' and 'precision', per part where they differ (e.g. 'onnxruntime', 'fp32/int8/fp32')."""
+
+        def joined(values: list[str]) -> str:
+            return values[0] if len(set(values)) == 1 else "/".join(values)
+
+        entries = list(self.parts.values())
+        return joined([e.runtime for e in entries]), joined([e.precision for e in entries])
+
+    def artifact(self, repo_dir: Path, part: str) -> Path:
+        """The path of `part`'s artifact, checked: validated at export, present, and the very file validated.
+
+        A truncated or altered artifact may still load, then score wrongly: its sha256 is compared first.
+        """
+        if part not in self.parts:
+            raise KeyError(f"{repo_dir}: no part {part!r} in the manifest; it has {sorted(self.parts)}")
+        entry = self.parts[part]
+        if not entry.passed:
+            raise ManifestError(f"{repo_dir}: {part} failed validation at export: {entry.validation.get('problems')}")
+        path = Path(repo_dir) / entry.file
+        if not path.is_file():
+            raise FileNotFoundError(f"{part}: artifact {path} named in the manifest is missing")
+        if sha256_file(path) != entry.sha256:
+            raise ManifestError(
+                f"{part}: {path} is not the file exported (its sha256 differs from manifest.json): "
+                "corrupt or changed since the export; export again"
+            )
+        return path
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def write(self, out_dir: Path) -> Path:
+        path = Path(out_dir) / MANIFEST
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = MANIFEST) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ManifestError(f"{where}: format {found!r}, expected {FORMAT!r}")
+        fields = _fields(cls, data, where)
+        fields["parts"] = {
+            name: _part(entry, f"{where}: parts.{name}") for name, entry in fields.get("parts", {}).items()
+        }
+        return cls(**fields)
+
+    @classmethod
+    def read(cls, repo_dir: Path) -> Manifest:
+        path = Path(repo_dir) / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(f"no {MANIFEST} in {repo_dir}: export there first (d3qe export --out DIR)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: not JSON ({e})") from e
+        return cls.from_json(data, str(path))
+
+
+def _fields(cls: type, data: dict, where: str) -> dict:
+    """`data` as keyword arguments of the dataclass `cls`; every unknown and missing field named in one error."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    required = {
+        n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    unknown, missing = sorted(data.keys() - known.keys()), sorted(required - data.keys())
+    if unknown or missing:
+        raise ManifestError(f"{where}: unknown fields {unknown}, missing fields {missing}")
+    return dict(data)
+
+
+def _part(data: dict, where: str) -> PartEntry:
+    fields = _fields(PartEntry, data, where)
+    for key in ("inputs", "outputs"):
+        fields[key] = [TensorEntry(**_fields(TensorEntry, t, f"{where}.{key}")) for t in fields[key]]
+    return PartEntry(**fields)

@@ -1,0 +1,53 @@
+"""The typed parameters of the python-backend models in `model_repository/`, as their configs carry them.
+
+Triton passes a model's config to `initialize` as JSON, its parameters as strings; the repository
+writer (`serving.repository`) writes them from these records and each model reads them back with
+`from_config`, so both sides agree on names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _strings(config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+@dataclass(frozen=True)
+class PartParameters:
+    """`model_repository/part.py`: which exported part it hosts, and its CPU threads (None: the runtime's default)."""
+
+    part: str
+    intra_op_threads: int | None = None
+
+    def to_parameters(self) -> dict[str, str]:
+        params = {"part": self.part}
+        if self.intra_op_threads is not None:
+            params["intra_op_threads"] = str(self.intra_op_threads)
+        return params
+
+    @classmethod
+    def from_config(cls, config: dict) -> PartParameters:
+        params = _strings(config)
+        if "part" not in params:
+            raise ValueError(f"model {config.get('name')!r}: its config has no 'part' parameter")
+        threads = params.get("intra_op_threads")
+        return cls(params["part"], int(threads) if threads else None)
+
+
+@dataclass(frozen=True)
+class GateParameters:
+    """`model_repository/admission.py`: the ensemble a gate admits requests to."""
+
+    ensemble: str
+
+    def to_parameters(self) -> dict[str, str]:
+        return {"ensemble": self.ensemble}
+
+    @classmethod
+    def from_config(cls, config: dict) -> GateParameters:
+        params = _strings(config)
+        if "ensemble" not in params:
+            raise ValueError(f"model {config.get('name')!r}: its config has no 'ensemble' parameter")
+        return cls(params["ensemble"])
