@@ -241,13 +241,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--torch",
         nargs="*",
         default=[],
-        choices=["fp16", "bf16", "tf32"],
-        help="the eager model's parts in these precisions (tf32: CUDA only)",
+        metavar="PRECISION[:N]",
+        help="the eager model's parts in these precisions: fp16, bf16, tf32 (CUDA only); ':N' runs an evenly "
+        "spread subset of N images (fp16 is slow on CPUs)",
     )
     p.add_argument("--server", action="store_true", help="also score through a server on the first --repo")
     p.add_argument("--url", help="score through this running server instead of starting one")
     p.add_argument("--server-limit", type=int, help="served: an evenly spread subset of N of the images")
-    p.add_argument("--torch-limit", type=int, help="--torch: an evenly spread subset of N of the images (slow on CPUs)")
     p.add_argument("--limit", type=int, help="an evenly spread subset of N corpus images (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the in-process configurations run")
@@ -352,10 +352,14 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.vq_checkpoint, preset=ref["preset"], freq_bias=ref["freq_bias"], seed=ref["seed"]
     )
     configs = [repo_config(repo, args.device) for repo in args.repo]
-    for precision in args.torch:
+    for spec in args.torch:
+        precision, _, limit = spec.partition(":")
+        if precision not in ("fp16", "bf16", "tf32"):
+            print(f"d3qe fidelity: --torch {spec}: the precisions are fp16, bf16 and tf32", file=sys.stderr)
+            return 2
         if precision != "tf32" or _cuda(args.device):
             configs.append(eager_config(model, precision, args.device))
-            configs[-1].limit = args.torch_limit
+            configs[-1].limit = int(limit) if limit else None
     info = machine(args.device)
     out_dir = results_dir(info, args.out)
     kinds: dict[str, int] = {}
@@ -387,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         with served(args.url, args.repo[0] if args.repo else None) as (url, _):
             name = f"served {args.url or args.repo[0].name} (gRPC, d3qe ensemble)"
-            configs.append(Config(name, "triton", "-", url=url, limit=args.server_limit))
+            # before the torch configurations: the slowest on a CPU come last (each row is written when done)
+            configs.insert(len(args.repo), Config(name, "triton", "-", url=url, limit=args.server_limit))
             report = measure(model, configs, items, args.batch_size, args.timeout, write)
     else:
         report = measure(model, configs, items, args.batch_size, progress=write)

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
-# The GPU profile of `d3qe bench`: the same benchmark as on CPU, on the lent GPU machine (H100 / H200).
+# The GPU profile of `d3qe bench`: the same benchmark as on CPU, on a machine with an NVIDIA GPU.
 #
-#   bash benchmarks/gpu_profile.sh [CHECKPOINT]        (from the repository root, on the GPU machine)
+#   bash benchmarks/gpu_profile.sh [CHECKPOINT]        (from the repository root)
 #
 # Exports the model for cuda in each runtime installed there (torch bf16 and fp16 always; ONNX Runtime
 # fp32 where onnxruntime-gpu is installed; TensorRT fp16 where tensorrt is), then runs `d3qe bench
 # --profile gpu` over all of them: eager fp32 on the GPU, each export in-process, and Triton over gRPC
-# serving the first export at 1, 4, 16 and 64 clients. Results go to $OUT (the device tool's folder)
-# when set, else benchmarks/results/<gpu>-<date>/.
-# The machine needs the project's Python packages; the device README says how to carry the missing
-# ones (open_clip_torch, tritonclient, nvidia-pytriton) as wheels. Without CHECKPOINT: seeded weights.
+# serving the first export at 1, 4, 16 and 64 clients. Results go to $OUT when set, else
+# benchmarks/results/<gpu>-<date>/. The machine needs the project's packages (pip install '.[all]').
+# Without CHECKPOINT: seeded weights.
 set -euo pipefail
 
 checkpoint=()
 if [[ $# -ge 1 ]]; then checkpoint=(--checkpoint "$1"); fi
-d3qe=(python -m client.cli)
+d3qe=(python -m cli.main)
 work=artifacts/gpu-profile
 repos=()
 

@@ -1,10 +1,13 @@
-"""gRPC client for the `d3qe` ensemble on Triton: sync (`D3QEClient`) and asyncio (`AsyncD3QEClient`).
+"""gRPC client for the `d3qe` ensembles on Triton: sync (`D3QEClient`) and asyncio (`AsyncD3QEClient`).
 
-Both batch images into requests, keep a bounded number of requests in flight, give each request a
-timeout, retry UNAVAILABLE with capped exponential backoff, and return one `ScoreResult` per image
-in input order. A request that fails for any other reason is split in halves until the failing image
-is alone, so one bad image fails only itself. The retry/split policy is written once, as a generator
-of steps (`_score_batch`) that the sync and the async client each drive with their own I/O.
+They talk to either entrance that takes images: `d3qe` (IMAGE, encoded files: bytes or paths) or
+`d3qe_rgb` (RGB, decoded uint8 pixels [H, W, 3], sent as they are: nothing is re-encoded). Both batch
+images into requests (an RGB request holds images of one size), keep a bounded number of requests in
+flight, give each request a timeout, retry UNAVAILABLE with capped exponential backoff, and return one
+`ScoreResult` per image in input order. A request that fails for any other reason is split in halves
+until the failing image is alone, so one bad image fails only itself. The retry/split policy is written
+once, as a generator of steps (`_score_batch`) that the sync and the async client each drive with their
+own I/O.
 
 The per-request timeout is the client's alone: past it the client stops waiting and reports the images
 as timed out, but does not cancel the call. A cancelled gRPC call can crash Triton before 24.12 (a race
@@ -37,7 +40,8 @@ from client.results import DEFAULT_THRESHOLD, Item, ScoreResult
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "d3qe"
-IMAGE, LOGIT, PROB = "IMAGE", "LOGIT", "PROB"
+IMAGE, RGB, LOGIT, PROB = "IMAGE", "RGB", "LOGIT", "PROB"
+INPUT_TYPES = {IMAGE: "BYTES", RGB: "UINT8"}  # the image inputs this client sends, and their Triton types
 
 RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
 # Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.
@@ -49,7 +53,7 @@ class ServerNotReadyError(RuntimeError):
 
 
 class ModelMismatchError(RuntimeError):
-    """The served model does not have the `d3qe` interface (IMAGE BYTES → LOGIT, PROB FP32)."""
+    """The served model does not have a `d3qe` interface (IMAGE BYTES or RGB UINT8 → LOGIT, PROB FP32)."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,18 @@ class ModelInfo:
     versions: list[str]
     platform: str
     max_batch_size: int
+    input: str = IMAGE  # IMAGE or RGB
+
+
+# An image ready to send: encoded file bytes (IMAGE) or uint8 pixels [H, W, 3] (RGB).
+Payload = bytes | np.ndarray
 
 
 @dataclass(frozen=True)
 class _Infer:
-    """Step: send these (source, bytes) pairs as one request; the driver sends back the result or the exception."""
+    """Step: send these (source, payload) pairs as one request; the driver sends back the result or the exception."""
 
-    batch: list[tuple[str, bytes]]
+    batch: list[tuple[str, Payload]]
 
 
 @dataclass(frozen=True)
@@ -92,10 +101,15 @@ _Step = _Infer | _Sleep
 _Outcome = grpcclient.InferResult | InferenceServerException | None
 
 
-def _read_item(item: Item) -> tuple[str, bytes] | ScoreResult:
-    """(source, path) → (source, file bytes); a file that cannot be read becomes its failed result."""
+def _read_item(item: Item, image_input: str) -> tuple[str, Payload] | ScoreResult:
+    """(source, path) → (source, file bytes); a file that cannot be read, or an image of the kind the model does
+    not take (pixels for IMAGE, a file for RGB), becomes its failed result."""
     source, data = item
-    if isinstance(data, bytes):
+    if isinstance(data, np.ndarray) != (image_input == RGB):
+        kind = "decoded pixels (an array)" if isinstance(data, np.ndarray) else "an encoded file"
+        wanted = "RGB uint8 pixels" if image_input == RGB else "encoded image files"
+        return ScoreResult.failed(source, f"got {kind}; this model takes {wanted}")
+    if isinstance(data, bytes | np.ndarray):
         return source, data
     try:
         return source, Path(data).read_bytes()
@@ -104,13 +118,13 @@ def _read_item(item: Item) -> tuple[str, bytes] | ScoreResult:
 
 
 def _score_batch(
-    items: list[Item], retry: RetryPolicy, timeout: float, threshold: float
+    items: list[Item], retry: RetryPolicy, timeout: float, threshold: float, image_input: str = IMAGE
 ) -> Generator[_Step, _Outcome, list[ScoreResult]]:
     """One batch's policy: read files, send, retry UNAVAILABLE, split on per-image errors. Results in input order."""
     results: list[ScoreResult | None] = []
-    pending: list[list[tuple[int, str, bytes]]] = [[]]
+    pending: list[list[tuple[int, str, Payload]]] = [[]]
     for i, item in enumerate(items):
-        read = _read_item(item)
+        read = _read_item(item, image_input)
         results.append(read if isinstance(read, ScoreResult) else None)
         if not isinstance(read, ScoreResult):
             pending[0].append((i, *read))
@@ -158,26 +172,44 @@ def _check_metadata(metadata: dict, config: dict) -> ModelInfo:
     inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
     outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}
     name = metadata.get("name", "?")
-    if inputs.get(IMAGE) != "BYTES" or outputs.get(LOGIT) != "FP32" or outputs.get(PROB) != "FP32":
+    image_inputs = [n for n, kind in INPUT_TYPES.items() if inputs == {n: kind}]
+    if not image_inputs or outputs.get(LOGIT) != "FP32" or outputs.get(PROB) != "FP32":
         raise ModelMismatchError(
             f"model {name!r} has inputs {inputs} and outputs {outputs}; "
-            f"expected {IMAGE}: BYTES → {LOGIT}: FP32, {PROB}: FP32"
+            f"expected {IMAGE}: BYTES or {RGB}: UINT8 → {LOGIT}: FP32, {PROB}: FP32"
         )
     cfg = config.get("config", config)
     return ModelInfo(
-        name, list(metadata.get("versions", [])), metadata.get("platform", ""), int(cfg.get("max_batch_size", 0))
+        name,
+        list(metadata.get("versions", [])),
+        metadata.get("platform", ""),
+        int(cfg.get("max_batch_size", 0)),
+        image_inputs[0],
     )
 
 
+def _shape(item: Item) -> tuple[int, ...] | None:
+    return item[1].shape if isinstance(item[1], np.ndarray) else None
+
+
 def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """Consecutive items, `size` at most a chunk; arrays of another shape start a new one (one request, one size)."""
     batch: list[Item] = []
     for item in items:
+        if batch and _shape(item) != _shape(batch[0]):
+            yield batch
+            batch = []
         batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def _nbytes(batch: list[tuple[str, Payload]]) -> int:
+    """The request's image tensor in shared memory: raw pixels, or serialized BYTES (4-byte length each)."""
+    return sum(p.nbytes if isinstance(p, np.ndarray) else 4 + len(p) for _, p in batch)
 
 
 @dataclass
@@ -192,14 +224,13 @@ class _ShmSlot:
     def key(self) -> str:
         return f"/{self.name}"
 
-    def fits(self, batch: list[tuple[str, bytes]]) -> bool:
-        # Serialized BYTES: a 4-byte length before each element.
-        return self.handle is not None and sum(4 + len(b) for _, b in batch) <= self.size
+    def fits(self, batch: list[tuple[str, Payload]]) -> bool:
+        return self.handle is not None and _nbytes(batch) <= self.size
 
-    def grow(self, batch: list[tuple[str, bytes]]) -> None:
+    def grow(self, batch: list[tuple[str, Payload]]) -> None:
         """Replace the region by one that holds `batch` (the caller unregisters the old and registers the new)."""
         self.release()
-        self.size = max(2 * sum(4 + len(b) for _, b in batch), 1 << 20)
+        self.size = max(2 * _nbytes(batch), 1 << 20)
         self.handle = shm.create_shared_memory_region(self.name, self.key, self.size)
 
     def release(self) -> None:
@@ -231,6 +262,7 @@ class _ClientBase:
         self.shared_memory = shared_memory
         self.drain_timeout = drain_timeout
         self.max_batch_size: int | None = None  # from the model config, once checked
+        self.input = IMAGE  # the model's image input, once checked
         prefix = f"d3qe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._slots = [_ShmSlot(f"{prefix}_{i}") for i in range(concurrency)] if shared_memory else []
 
@@ -239,16 +271,22 @@ class _ClientBase:
         return _chunks(items, size)
 
     def _plan(self, batch: list[Item]) -> Generator[_Step, _Outcome, list[ScoreResult]]:
-        return _score_batch(batch, self.retry, self.timeout, self.threshold)
+        return _score_batch(batch, self.retry, self.timeout, self.threshold, self.input)
 
-    def _inputs(self, batch: list[tuple[str, bytes]], slot: _ShmSlot | None = None) -> list[grpcclient.InferInput]:
-        """The IMAGE tensor, in the request or (with `slot`, already fitted) in shared memory."""
-        data = np.array([[b] for _, b in batch], dtype=np.object_)
-        if self.max_batch_size == 0:  # a model without batching takes one image of shape [1]
-            data = data.reshape(1)
-        tensor = grpcclient.InferInput(IMAGE, list(data.shape), "BYTES")
+    def _inputs(self, batch: list[tuple[str, Payload]], slot: _ShmSlot | None = None) -> list[grpcclient.InferInput]:
+        """The image tensor (IMAGE or RGB), in the request or (with `slot`, already fitted) in shared memory."""
+        if self.input == RGB:  # _read_item let only arrays through, _chunks only of one shape
+            data = np.stack([p for _, p in batch])
+        else:
+            data = np.array([[p] for _, p in batch], dtype=np.object_)
+        if self.max_batch_size == 0:  # a model without batching takes one image, without the batch axis
+            data = data[0]
+        tensor = grpcclient.InferInput(self.input, list(data.shape), INPUT_TYPES[self.input])
         if slot is None:
             tensor.set_data_from_numpy(data)
+        elif self.input == RGB:
+            shm.set_shared_memory_region(slot.handle, [np.ascontiguousarray(data)])
+            tensor.set_shared_memory(slot.name, data.nbytes)
         else:
             serialized = serialize_byte_tensor(data)
             shm.set_shared_memory_region(slot.handle, [serialized])
@@ -258,8 +296,13 @@ class _ClientBase:
     def _timed_out(self) -> InferenceServerException:
         return InferenceServerException(f"no answer within {self.timeout:g} s", status="StatusCode.DEADLINE_EXCEEDED")
 
+    def score_paths(self, paths: Iterable[str | Path]) -> Iterator[ScoreResult] | AsyncIterator[ScoreResult]:
+        """`score` over image files: an iterator of results (an async one from `AsyncD3QEClient`)."""
+        return self.score((str(p), Path(p)) for p in paths)
+
     def _check_batching(self, info: ModelInfo) -> None:
         self.max_batch_size = info.max_batch_size
+        self.input = info.input
         if info.max_batch_size == 0 and self.batch_size > 1:
             self.batch_size = 1
 
@@ -335,9 +378,6 @@ class D3QEClient(_ClientBase):
             while in_flight:
                 yield from in_flight.popleft().result()
 
-    def score_paths(self, paths: Iterable[str | Path]) -> Iterator[ScoreResult]:
-        return self.score((str(p), Path(p)) for p in paths)
-
     def score_batch(self, batch: list[Item]) -> list[ScoreResult]:
         """One request (split only if an image in it fails), in this thread: for callers timing requests."""
         return self._drive(self._plan(batch))
@@ -358,7 +398,7 @@ class D3QEClient(_ClientBase):
         except StopIteration as done:
             return done.value
 
-    def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
+    def _infer(self, batch: list[tuple[str, Payload]]) -> grpcclient.InferResult:
         slot = self._free_slots.get() if self._slots else None
         try:
             if slot is not None and not slot.fits(batch):
@@ -463,9 +503,6 @@ class AsyncD3QEClient(_ClientBase):
             for task in in_flight:
                 task.cancel()
 
-    def score_paths(self, paths: Iterable[str | Path]) -> AsyncIterator[ScoreResult]:
-        return self.score((str(p), Path(p)) for p in paths)
-
     async def score_batch(self, batch: list[Item]) -> list[ScoreResult]:
         """One request (split only if an image in it fails): for callers timing requests."""
         return await self._drive(self._plan(batch))
@@ -486,7 +523,7 @@ class AsyncD3QEClient(_ClientBase):
         except StopIteration as done:
             return done.value
 
-    async def _infer(self, batch: list[tuple[str, bytes]]) -> grpcclient.InferResult:
+    async def _infer(self, batch: list[tuple[str, Payload]]) -> grpcclient.InferResult:
         if self._slots and self._free_slots is None:  # created here so that it belongs to the running loop
             self._free_slots = asyncio.Queue()
             for slot in self._slots:

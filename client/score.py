@@ -1,4 +1,11 @@
-"""`d3qe score`: score image files through the Triton server (default) or an in-process runtime the CLI offers."""
+"""`d3qe score`: score image and video files through the Triton server (default) or an in-process runtime.
+
+Videos (`VIDEO_SUFFIXES`) are decoded here and their sampled frames sent as RGB pixels (the server's
+`--video-model` entrance, `d3qe_rgb`; see `client.video`); each gives one summary line, or with `--json`
+one object holding every frame's score and its `fake_periods`. An animated GIF stays an image, scored
+by its first frame as before: convert it to a video file for per-frame scores. `--csv` holds one row per
+image and takes no videos.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +20,18 @@ from typing import TextIO
 
 from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ModelMismatchError, ServerNotReadyError
 from client.results import DEFAULT_THRESHOLD, InProcessRuntime, Scorer, ScoreResult
+from client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoError, VideoResult, plot_timeline, score_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given (whatever their suffix: a bad one gets its own error); folders recursively, images only."""
+    """Files as given (whatever their suffix: a bad one gets its own error); folders recursively, images and
+    videos only."""
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in wanted)
         else:
             yield p
 
@@ -45,6 +55,26 @@ def write_results(results: Iterable[ScoreResult], fmt: str, out: TextIO | None =
         else:
             print(f"{r.source}\tERROR: {r.error}", file=out, flush=True)
     return failed
+
+
+def write_video(result: VideoResult, fmt: str, out: TextIO | None = None) -> None:
+    """Print a video's result: its JSON object (every field), or one summary line."""
+    out = out or sys.stdout
+    if fmt == "json":
+        print(json.dumps(result.as_dict()), file=out, flush=True)
+    elif result.error is not None:
+        print(f"{result.source}\tERROR: {result.error}", file=out, flush=True)
+    else:
+        failed = sum(f.error is not None for f in result.frames)
+        periods = ", ".join(f"{a:.2f}-{b:.2f}s (peak {p:.3f})" for a, b, p in result.fake_periods) or "none"
+        print(
+            f"{result.source}\tvideo, {len(result.frames)} frames"
+            + (f" ({failed} failed)" if failed else "")
+            + f"\tp_mean={result.p_mean:.4f}\tp_top10={result.p_topk:.4f}\t{result.verdict}"
+            + f"\tfake periods: {periods}",
+            file=out,
+            flush=True,
+        )
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
@@ -77,8 +107,11 @@ def add_runtime_arguments(p: argparse.ArgumentParser, in_process: Sequence[InPro
 
 
 @contextlib.contextmanager
-def open_runtime(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> Iterator[Scorer]:
-    """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first."""
+def open_runtime(
+    args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = (), model: str | None = None
+) -> Iterator[Scorer]:
+    """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first.
+    `model`: the server's entrance, if not `args.model`."""
     for runtime in in_process:
         if args.runtime == runtime.name:
             with runtime.open(args) as score:
@@ -86,7 +119,7 @@ def open_runtime(args: argparse.Namespace, in_process: Sequence[InProcessRuntime
             return
     with D3QEClient(
         args.url,
-        args.model,
+        model or args.model,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         timeout=args.timeout,
@@ -98,18 +131,52 @@ def open_runtime(args: argparse.Namespace, in_process: Sequence[InProcessRuntime
 
 
 def add_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
-    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("paths", nargs="+", help="image and video files, and folders (searched recursively)")
     add_runtime_arguments(p, in_process)
+    video = p.add_argument_group("videos (" + " ".join(sorted(VIDEO_SUFFIXES)) + ")")
+    video.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames scored per second of video")
+    video.add_argument("--every-frame", action="store_true", help="score every frame (not --fps)")
+    video.add_argument("--plot", type=Path, metavar="DIR", help="write a timeline PNG per video into DIR")
+    video.add_argument("--video-model", default=VIDEO_MODEL, help="server: the ensemble taking decoded RGB pixels")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="one JSON object per line")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
     p.set_defaults(fmt="text")
 
 
+def score_videos(args: argparse.Namespace, videos: list[Path], score: Scorer) -> int:
+    """Score and print each video (one that cannot be decoded prints its error); returns the number failed."""
+    failed = 0
+    for path in videos:
+        try:
+            result = score_video(path, score, fps=args.fps, every_frame=args.every_frame, threshold=args.threshold)
+        except VideoError as e:
+            result = VideoResult.failed(str(path), str(e))
+        write_video(result, args.fmt)
+        if args.plot and result.error is None:
+            plot_timeline(result, args.plot / f"{path.name}.png")
+        failed += not result.ok
+    return failed
+
+
 def run(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> int:
+    paths = list(expand_paths(args.paths))
+    videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
+    images = [p for p in paths if p.suffix.lower() not in VIDEO_SUFFIXES]
+    if videos and args.fmt == "csv":
+        print("d3qe score: --csv holds one row per image; score videos with --json or the text output", file=sys.stderr)
+        return 2
     try:
-        with open_runtime(args, in_process) as score:
-            failed = write_results(score((str(p), p) for p in expand_paths(args.paths)), args.fmt)
+        with contextlib.ExitStack() as stack:
+            failed = 0
+            score = None
+            if images or not videos:  # nothing to score still checks the runtime, as it always has
+                score = stack.enter_context(open_runtime(args, in_process))
+                failed += write_results(score((str(p), p) for p in images), args.fmt)
+            if videos:
+                if score is None or args.runtime == "server":  # the server takes frames at another entrance
+                    score = stack.enter_context(open_runtime(args, in_process, model=args.video_model))
+                failed += score_videos(args, videos, score)
     except (ServerNotReadyError, ModelMismatchError) as e:
         print(f"d3qe score: {e}", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ class D3QEConfig:
 
 PRESETS: dict[str, D3QEConfig] = {
     "full": D3QEConfig(),
-    # The reference fixture's sizes (shared/reference/README.md): small CLIP and VQ encoder, full head.
+    # The reference fixture's sizes (tests/fixtures/REFERENCE.md): small CLIP and VQ encoder, full head.
     "tiny": D3QEConfig(
         vq=VQConfig(base_channels=32, z_channels=64),
         clip=CLIPConfig(width=128, layers=2),

@@ -6,6 +6,7 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -17,16 +18,30 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 16
 
-ImageSource = str | Path | bytes | Image.Image
+# A path, encoded bytes, a PIL image, or decoded RGB pixels: a uint8 array [H, W, 3].
+ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 
 class ImageError(ValueError):
     """An image that cannot be scored: empty, undecodable, truncated, too large or too small."""
 
 
+def _from_pixels(rgb: np.ndarray) -> Image.Image:
+    """Decoded pixels as the PIL image a decoder would have returned (so both take the same path)."""
+    if rgb.dtype != np.uint8:
+        raise ImageError(f"RGB pixels must be uint8 (0-255), got {rgb.dtype}")
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageError(f"RGB pixels must have shape [height, width, 3], got {list(rgb.shape)}")
+    if rgb.shape[0] * rgb.shape[1] > MAX_PIXELS:  # checked again in load_image; here before any copy
+        raise ImageError(f"image is {rgb.shape[1]}×{rgb.shape[0]} pixels, above the {MAX_PIXELS}-pixel limit")
+    return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+
+
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
+    if isinstance(source, np.ndarray):
+        return _from_pixels(source)
     if isinstance(source, str | Path):
         path = Path(source)
         if not path.is_file():
@@ -38,7 +53,7 @@ def _open(source: ImageSource) -> Image.Image:
         except OSError as e:
             raise ImageError(f"cannot read {path}: {e}") from e
     if not isinstance(source, bytes | bytearray | memoryview):
-        raise ImageError(f"expected a path, bytes or a PIL image, got {type(source).__name__}")
+        raise ImageError(f"expected a path, bytes, a PIL image or a uint8 RGB array, got {type(source).__name__}")
     if len(source) == 0:
         raise ImageError("empty image: 0 bytes")
     if len(source) > MAX_IMAGE_BYTES:

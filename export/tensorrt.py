@@ -1,7 +1,8 @@
 """TensorRT engines from the exported ONNX, through NVIDIA's `tensorrt` Python API.
 
-UNVERIFIED HERE: TensorRT cannot be installed on the machines this project was built on
-(shared/NOTES.md), so this module has never run. It is written to the documented TensorRT 10 API.
+UNVERIFIED: TensorRT could not be installed where this project was built and tested (PyPI's
+`tensorrt-cu13` wheels fetch their libraries from NVIDIA's own index), so this module has never run.
+It is written to the documented TensorRT 10 API.
 
 Precision is carried by the ONNX itself (the part exported with fp16/bf16 weights and activations,
 the nearest-code search and the frequency lookup kept fp32 by the part's module), and the network

@@ -51,3 +51,20 @@ class GateParameters:
         if "ensemble" not in params:
             raise ValueError(f"model {config.get('name')!r}: its config has no 'ensemble' parameter")
         return cls(params["ensemble"])
+
+
+@dataclass(frozen=True)
+class PreprocessParameters:
+    """`model_repository/preprocess.py`: the input it reads, IMAGE (encoded files) or RGB (decoded pixels)."""
+
+    input: str
+
+    def to_parameters(self) -> dict[str, str]:
+        return {"input": self.input}
+
+    @classmethod
+    def from_config(cls, config: dict) -> PreprocessParameters:
+        name = _strings(config).get("input")
+        if name not in ("IMAGE", "RGB"):
+            raise ValueError(f"model {config.get('name')!r}: its 'input' parameter must be IMAGE or RGB, got {name!r}")
+        return cls(name)

@@ -6,12 +6,14 @@ modules, each copied in as `<model>/1/model.py`; the parameters they read are ty
 (`serving.model_params`). Layout written under `out_dir` (the parts' artifacts and `manifest.json`
 are the export's):
 
-    preprocess/    config.pbtxt, 1/model.py, warmup/image   IMAGE bytes → PIXELS
-    check_pixels/  config.pbtxt, 1/model.py                 PIXELS → CHECKED (finite, in [0, 1])
-    <part>/        config.pbtxt, 1/model.py [, configs/native.pbtxt]   vq_encoder, clip_visual, d3qe_head
+    preprocess/      config.pbtxt, 1/model.py, warmup/image   IMAGE bytes → PIXELS
+    preprocess_rgb/  config.pbtxt, 1/model.py                 RGB uint8 [H, W, 3] → PIXELS
+    check_pixels/    config.pbtxt, 1/model.py                 PIXELS → CHECKED (finite, in [0, 1])
+    <part>/          config.pbtxt, 1/model.py [, configs/native.pbtxt]   vq_encoder, clip_visual, d3qe_head
     d3qe_pipeline/         ensemble: IMAGE → preprocess → vq_encoder ∥ clip_visual → d3qe_head → LOGIT, PROB
+    d3qe_rgb_pipeline/     ensemble: RGB → preprocess_rgb → the same three parts → LOGIT, PROB
     d3qe_tensor_pipeline/  ensemble: PIXELS → check_pixels → the same three parts → LOGIT, PROB
-    d3qe/, d3qe_tensor/    config.pbtxt, 1/model.py   the admission gates clients call, one per ensemble
+    d3qe/, d3qe_rgb/, d3qe_tensor/   config.pbtxt, 1/model.py   the admission gates clients call, one per ensemble
 
 A gate's queue policy is where overload is refused (see `admission_config`); the ensembles and the
 parts have none. `configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
 from d3qe.parts import PART_NAMES
 from serving.manifest import Manifest, PartEntry, TensorEntry
-from serving.model_params import GateParameters, PartParameters
+from serving.model_params import GateParameters, PartParameters, PreprocessParameters
 
 MODELS_PACKAGE = "model_repository"  # its modules are the python-backend models, shipped as package code
 VERSION = "1"
@@ -42,8 +45,6 @@ NATIVE_CONFIG_NAME = "native"
 NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 DEFAULT_QUEUE_DELAY_US = 2000  # a CPU batch takes ~1 s: waiting 2 ms for companions costs nothing
 WARMUP_IMAGE = "image"
-# Gates: client model name → the ensemble it admits requests to.
-GATES = {"d3qe": "d3qe_pipeline", "d3qe_tensor": "d3qe_tensor_pipeline"}
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting at a gate; one more is refused at once
 DEFAULT_QUEUE_TIMEOUT_S = 120.0  # the client's default timeout: after that nobody waits for the answer
 DEFAULT_ADMITTED_BATCHES = 2  # batches in an ensemble at once per gate: one computing while the next is decoded
@@ -123,16 +124,45 @@ def native_config(
     return config
 
 
-def preprocess_config(max_batch: int, image_size: int, queue_delay_us: int) -> mc.ModelConfig:
-    config = mc.ModelConfig(name="preprocess", backend="python")
+@dataclass(frozen=True)
+class Entrance:
+    """One way in: the gate clients call, the ensemble behind it, and its first step, which checks the input."""
+
+    gate: str
+    ensemble: str
+    first: str  # the first step's model
+    input: TensorEntry  # what clients send (shape with the batch axis first)
+    output: str  # the first step's output, PIXELS for the parts
+
+
+def entrances(pixels: TensorEntry) -> tuple[Entrance, ...]:
+    """Encoded files (`d3qe`), decoded pixels of any size (`d3qe_rgb`), model input tensors (`d3qe_tensor`)."""
+    image = TensorEntry("IMAGE", "object", [-1, 1])
+    rgb = TensorEntry("RGB", "uint8", [-1, -1, -1, 3])
+    return (
+        Entrance("d3qe", "d3qe_pipeline", "preprocess", image, "PIXELS"),
+        Entrance("d3qe_rgb", "d3qe_rgb_pipeline", "preprocess_rgb", rgb, "PIXELS"),
+        Entrance("d3qe_tensor", "d3qe_tensor_pipeline", "check_pixels", pixels, "CHECKED"),
+    )
+
+
+def preprocess_config(entrance: Entrance, max_batch: int, image_size: int, queue_delay_us: int) -> mc.ModelConfig:
+    """Encoded files (IMAGE) or decoded pixels (RGB) → PIXELS, each warmed up with an image of its kind."""
+    config = mc.ModelConfig(name=entrance.first, backend="python")
     _batching(config, max_batch, queue_delay_us)
-    config.input.add(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1])
+    _add_tensors(config.input, [entrance.input])
     config.output.add(name="PIXELS", data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
     _instances(config, "cpu", 1)
+    _parameters(config, PreprocessParameters(entrance.input.name).to_parameters())
     warmup = config.model_warmup.add(name="image", batch_size=1)
-    warmup.inputs["IMAGE"].data_type = mc.TYPE_STRING
-    warmup.inputs["IMAGE"].dims.append(1)
-    warmup.inputs["IMAGE"].input_data_file = WARMUP_IMAGE
+    tensor = warmup.inputs[entrance.input.name]
+    tensor.data_type = _data_type(entrance.input.dtype)
+    if entrance.input.name == "IMAGE":
+        tensor.dims.append(1)
+        tensor.input_data_file = WARMUP_IMAGE
+    else:  # a black image: valid pixels of every size the transform handles
+        tensor.dims.extend([image_size, image_size, 3])
+        tensor.zero_data = True
     return config
 
 
@@ -145,20 +175,15 @@ def check_pixels_config(max_batch: int, pixels: TensorEntry, queue_delay_us: int
     return config
 
 
-def ensemble_config(
-    name: str, entries: dict[str, PartEntry], max_batch: int, *, from_image: bool
-) -> mc.ModelConfig:
-    """IMAGE → preprocess, or PIXELS → check_pixels; then vq_encoder ∥ clip_visual → d3qe_head."""
-    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch)
-    first, source, result = ("preprocess", "IMAGE", "PIXELS") if from_image else ("check_pixels", "PIXELS", "CHECKED")
-    if from_image:
-        config.input.add(name="IMAGE", data_type=mc.TYPE_STRING, dims=[1])
-    else:
-        _add_tensors(config.input, entries["vq_encoder"].inputs)
+def ensemble_config(entrance: Entrance, entries: dict[str, PartEntry], max_batch: int) -> mc.ModelConfig:
+    """The entrance's first step (preprocess, preprocess_rgb or check_pixels), then vq_encoder ∥ clip_visual →
+    d3qe_head."""
+    config = mc.ModelConfig(name=entrance.ensemble, platform="ensemble", max_batch_size=max_batch)
+    _add_tensors(config.input, [entrance.input])
     _add_tensors(config.output, entries["d3qe_head"].outputs)
-    step = config.ensemble_scheduling.step.add(model_name=first, model_version=-1)
-    step.input_map[source] = source
-    step.output_map[result] = "pixels"  # ensemble-internal name; the ensemble's own input may be called PIXELS
+    step = config.ensemble_scheduling.step.add(model_name=entrance.first, model_version=-1)
+    step.input_map[entrance.input.name] = entrance.input.name
+    step.output_map[entrance.output] = "pixels"  # ensemble-internal name; the ensemble's own input may be PIXELS
     for part in PART_NAMES:
         step = config.ensemble_scheduling.step.add(model_name=part, model_version=-1)
         for t in entries[part].inputs:
@@ -260,21 +285,26 @@ def write_repository(
             written.append(_write_config(native_path, native_config(part, entry, **options)))
         else:
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
-    pre = out_dir / "preprocess"
-    written.append(_write_config(pre / "config.pbtxt", preprocess_config(max_batch, cfg.image_size, queue_delay_us)))
-    written.append(_install_model("preprocess", pre))
-    (pre / "warmup").mkdir(exist_ok=True)
-    (pre / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(cfg.image_size))
-    written.append(pre / "warmup" / WARMUP_IMAGE)
     pixels = entries["vq_encoder"].inputs[0]
-    check = out_dir / "check_pixels"
-    written.append(_write_config(check / "config.pbtxt", check_pixels_config(max_batch, pixels, queue_delay_us)))
-    written.append(_install_model("check_pixels", check))
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
-    for gate, from_image in (("d3qe", True), ("d3qe_tensor", False)):
-        ensemble = ensemble_config(GATES[gate], entries, max_batch, from_image=from_image)
+    for entrance in entrances(pixels):
+        first = out_dir / entrance.first
+        if entrance.first == "check_pixels":
+            config = check_pixels_config(max_batch, pixels, queue_delay_us)
+            written.append(_write_config(first / "config.pbtxt", config))
+            written.append(_install_model("check_pixels", first))
+        else:
+            config = preprocess_config(entrance, max_batch, cfg.image_size, queue_delay_us)
+            written.append(_write_config(first / "config.pbtxt", config))
+            written.append(_install_model("preprocess", first))
+            if entrance.input.name == "IMAGE":
+                (first / "warmup").mkdir(exist_ok=True)
+                (first / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(cfg.image_size))
+                written.append(first / "warmup" / WARMUP_IMAGE)
+        ensemble = ensemble_config(entrance, entries, max_batch)
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
-        written.append(_write_config(out_dir / gate / "config.pbtxt", admission_config(gate, ensemble, **policy)))
-        written.append(_install_model("admission", out_dir / gate))
+        gate = admission_config(entrance.gate, ensemble, **policy)
+        written.append(_write_config(out_dir / entrance.gate / "config.pbtxt", gate))
+        written.append(_install_model("admission", out_dir / entrance.gate))
     return written

@@ -6,8 +6,7 @@ import shutil
 import numpy as np
 
 from cli.main import main
-
-LOGIT_TOL = 1e-4
+from tests.helpers import LOGIT_TOL
 
 
 def test_score_eager_prints_fixture_logits(tiny_checkpoint, fixture_images, expected, tmp_path, capsys):

@@ -21,10 +21,10 @@ from client.grpc_client import (
     ServerNotReadyError,
 )
 from serving.server import TritonServer, free_endpoints
+from tests.helpers import LOGIT_TOL
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-LOGIT_TOL = 1e-4  # the fixture tolerance for fp32
 
 
 @pytest.fixture(scope="module")

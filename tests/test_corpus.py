@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import d3qe
+from d3qe.preprocess import MAX_PIXELS, MIN_SIDE
 from export.corpus import CorpusItem, corpus, corpus_digest, write_corpus
 
 KINDS = {"photo", "crop", "rescale", "rotate", "jpeg", "webp", "mode", "synthetic"}
@@ -42,8 +43,8 @@ def test_every_item_decodes_within_the_model_limits(items):
         with Image.open(io.BytesIO(item.data)) as image:
             image.load()
             width, height = image.size
-            assert min(width, height) >= 16, item.name
-            assert width * height < 50_000_000, item.name
+            assert min(width, height) >= MIN_SIDE, item.name
+            assert width * height < MAX_PIXELS, item.name
             assert item.extension == ("jpg" if image.format == "JPEG" else image.format.lower())
 
 
@@ -91,10 +92,10 @@ def test_preprocess_accepts_a_subset():
 
 
 def test_write_corpus(tmp_path):
-    subset = corpus(len(KINDS))
-    paths = write_corpus(tmp_path, subset)
-    assert paths == [tmp_path / f"{item.name}.{item.extension}" for item in subset]
-    assert [path.read_bytes() for path in paths] == [item.data for item in subset]
+    few = corpus(len(KINDS))
+    paths = write_corpus(tmp_path, few)
+    assert paths == [tmp_path / f"{item.name}.{item.extension}" for item in few]
+    assert [path.read_bytes() for path in paths] == [item.data for item in few]
 
 
 def test_import_is_cheap():

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import d3qe
-
-LOGIT_TOL = 1e-4  # fixtures/REFERENCE.md: fp32 CPU implementation
+from tests.helpers import LOGIT_TOL
 
 
 @pytest.fixture(scope="module", params=["reference", "stats"])

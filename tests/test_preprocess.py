@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from PIL import Image
 
 import d3qe
 from d3qe.preprocess import MAX_PIXELS
+from tests.helpers import png_header_only
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -19,22 +19,12 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width×height but carries no pixel data: a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     ("data", "match"),
     [
         (b"", "empty image"),
         (b"hello, this is a text file\n", "not a decodable image"),
-        (_png_header_only(20000, 20000), "pixel limit|decompression bomb"),
+        (png_header_only(20000, 20000), "pixel limit|decompression bomb"),
         (_encode(Image.new("RGB", (1, 1)), "PNG"), "below the minimum"),
         (b"\x89PNG\r\n\x1a\n truncated", "truncated header"),
         (_encode(Image.new("RGB", (20000, 16)), "PNG"), "aspect ratio"),

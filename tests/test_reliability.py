@@ -35,8 +35,7 @@ from client.grpc_client import D3QEClient, RetryPolicy
 from serving.manifest import Manifest
 from serving.repository import write_repository
 from serving.server import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer, free_endpoints
-from tests.test_preprocess import _png_header_only
-from tests.test_server import LOGIT_TOL, _copy_models, image_input, pixels_input
+from tests.helpers import LOGIT_TOL, copy_models, image_input, pixels_input, png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -107,7 +106,7 @@ def test_odd_inputs_in_one_burst_each_get_their_own_answer(tiny_server, client, 
     ]
     by_kind = {c.kind: c for c in cases(client.get_model_config("d3qe").config.max_batch_size, tmp_path)}
     sent = [by_kind[k] for k in kinds]
-    header_only = np.array([[_png_header_only(20000, 20000)]], dtype=np.object_)
+    header_only = np.array([[png_header_only(20000, 20000)]], dtype=np.object_)
     sent.append(Case("20000x20000 PNG header", "d3qe", "IMAGE", "BYTES", header_only, "decompression bomb"))
     want = {c.kind: eager_logit(eager, c) for c in sent if c.expect is None}
     peak_before = peak_rss_mib(tiny_server, "preprocess")
@@ -290,7 +289,7 @@ def test_client_retries_survive_a_server_killed_and_restarted(tight_repository, 
 
 
 def test_serve_names_a_corrupt_artifact_and_why(tiny_repository, tmp_path, capsys):
-    repo = _copy_models(tiny_repository, tmp_path / "repo", "vq_encoder")
+    repo = copy_models(tiny_repository, tmp_path / "repo", "vq_encoder")
     onnx = repo / "vq_encoder" / "1" / "model.onnx"
     onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
     e = free_endpoints()

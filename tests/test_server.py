@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,32 +31,14 @@ from serving.repository import write_repository
 from serving.server import (
     ServerError,
     TritonServer,
-    find_tritonserver,
     free_endpoints,
-    prepare_backend_directory,
-    server_environment,
 )
-from tests.test_preprocess import _png_header_only
+from tests.helpers import LOGIT_TOL, copy_models, image_input, pixels_input, png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-LOGIT_TOL = 1e-4
-
-
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))
-
-
-def image_input(images: list[bytes]) -> grpcclient.InferInput:
-    t = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
-    t.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
-    return t
-
-
-def pixels_input(pixels: np.ndarray) -> grpcclient.InferInput:
-    t = grpcclient.InferInput("PIXELS", list(pixels.shape), "FP32")
-    t.set_data_from_numpy(pixels)
-    return t
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +64,8 @@ def batch_sizes(client, model: str) -> dict[int, int]:
 def test_repository_layout(tiny_repository):
     models = {p.parent.name for p in tiny_repository.glob("*/config.pbtxt")}
     assert models == {
-        *("preprocess", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head"),
-        *("d3qe_pipeline", "d3qe_tensor_pipeline", "d3qe", "d3qe_tensor"),
+        *("preprocess", "preprocess_rgb", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head"),
+        *("d3qe_pipeline", "d3qe_rgb_pipeline", "d3qe_tensor_pipeline", "d3qe", "d3qe_rgb", "d3qe_tensor"),
     }
     for part in ("vq_encoder", "clip_visual", "d3qe_head"):
         assert (tiny_repository / part / "1" / "model.onnx").is_file()
@@ -144,7 +125,7 @@ def test_a_batch_mixing_good_and_corrupt_images(client, fixture_bytes, fixture_i
         "empty": (b"", "empty image"),
         "garbage": (b"not an image at all", "not a decodable image"),
         "truncated": (jpeg[: len(jpeg) // 2], "truncated or corrupt"),
-        "bomb": (_png_header_only(20000, 20000), "pixel limit|decompression bomb"),
+        "bomb": (png_header_only(20000, 20000), "pixel limit|decompression bomb"),
     }
     # good and bad alternate: (bytes, expected logit) or (bytes, expected error message alternatives)
     sent: list[tuple[bytes, float | str]] = [
@@ -201,16 +182,9 @@ def _group_alive(pgid: int) -> bool:
     return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).returncode == 0
 
 
-def _copy_models(src: Path, dest: Path, *models: str) -> Path:
-    for model in models:
-        shutil.copytree(src / model, dest / model)
-    shutil.copy(src / "manifest.json", dest / "manifest.json")
-    return dest
-
-
 def test_serve_command_starts_answers_and_stops_cleanly(tiny_repository, tmp_path, expected):
     # `check_pixels` alone (a python-backend model that loads in seconds) is enough to exercise the command
-    repo = _copy_models(tiny_repository, tmp_path / "repo", "check_pixels")
+    repo = copy_models(tiny_repository, tmp_path / "repo", "check_pixels")
     e = free_endpoints()
     args = ["--model-repository", str(repo), "--grpc-port", str(e.grpc_port)]
     args += ["--http-port", str(e.http_port), "--metrics-port", str(e.metrics_port)]
@@ -249,7 +223,7 @@ def test_serve_command_reports_why_it_cannot_start(tmp_path, tiny_server, capsys
 
 
 def test_a_model_that_fails_to_load_is_named(tiny_repository, tmp_path):
-    repo = _copy_models(tiny_repository, tmp_path / "repo", "vq_encoder")
+    repo = copy_models(tiny_repository, tmp_path / "repo", "vq_encoder")
     (repo / "vq_encoder" / "1" / "model.onnx").unlink()
     with pytest.raises(ServerError, match="exited with code 1 while starting:(.|\n)*vq_encoder(.|\n)*is missing"):
         TritonServer(repo, free_endpoints(), startup_timeout=120).start()
@@ -284,7 +258,7 @@ def test_gpu_parts_take_gpu_inputs_as_they_are(tiny_repository, tmp_path):
 @pytest.fixture(scope="module")
 def native_repository(tiny_repository, tmp_path_factory) -> Path:
     """The tiny export's parts with `write_repository(..., native=True)`: configs/native.pbtxt beside each."""
-    repo = _copy_models(tiny_repository, tmp_path_factory.mktemp("native") / "repo", *PARTS)
+    repo = copy_models(tiny_repository, tmp_path_factory.mktemp("native") / "repo", *PARTS)
     write_repository(repo, Manifest.read(repo), native=True)
     for extra in set(os.listdir(repo)) - {*PARTS, "manifest.json"}:
         shutil.rmtree(repo / extra)  # the python-backend models and ensembles: not what this checks
@@ -309,25 +283,3 @@ def test_native_configs_match_the_onnx_models(native_repository):
                 assert triton_to_np_dtype(mc.DataType.Name(t.data_type).removeprefix("TYPE_")) == dtype
                 assert [d.dim_value for d in shape.dim[1:]] == list(t.dims)  # the batch axis is Triton's
                 assert shape.dim[0].dim_param, f"{part}.{t.name}: the batch axis must be dynamic"
-
-
-def test_native_configs_are_what_tritonserver_loads_with_model_config_name(native_repository, tmp_path):
-    # The wheel's server has no onnxruntime backend: it reads configs/native.pbtxt and stops at the backend.
-    install = find_tritonserver()
-    e = free_endpoints()
-    cmd = [
-        str(install.binary),
-        f"--model-repository={native_repository}",
-        f"--backend-directory={prepare_backend_directory(install, tmp_path / 'backends')}",
-        "--model-config-name=native",
-        "--model-control-mode=none",
-        *(f"--{kind}-address=127.0.0.1" for kind in ("grpc", "http", "metrics")),
-        f"--grpc-port={e.grpc_port}",
-        f"--http-port={e.http_port}",
-        f"--metrics-port={e.metrics_port}",
-    ]
-    run = subprocess.run(cmd, env=server_environment(install), capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
-    for part in PARTS:
-        loaded = rf"failed to load '{part}' version 1: .* unable to find backend library for backend 'onnxruntime'"
-        assert re.search(loaded, run.stdout + run.stderr), part

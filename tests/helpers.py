@@ -1,0 +1,42 @@
+"""What several test modules use: the fixture's tolerance, hand-made inputs, repository copies."""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+LOGIT_TOL = 1e-4  # fixtures/REFERENCE.md: the fp32 CPU implementation against the authors' code
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width×height but carries no pixel data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def image_input(images: list[bytes]) -> grpcclient.InferInput:
+    t = grpcclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+    t.set_data_from_numpy(np.array(images, dtype=np.object_).reshape(-1, 1))
+    return t
+
+
+def pixels_input(pixels: np.ndarray) -> grpcclient.InferInput:
+    t = grpcclient.InferInput("PIXELS", list(pixels.shape), "FP32")
+    t.set_data_from_numpy(pixels)
+    return t
+
+
+def copy_models(src: Path, dest: Path, *models: str) -> Path:
+    """A repository holding only `models` of `src` (and its manifest)."""
+    for model in models:
+        shutil.copytree(src / model, dest / model)
+    shutil.copy(src / "manifest.json", dest / "manifest.json")
+    return dest
