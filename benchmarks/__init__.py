@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from serving.host import machine_slug
+from serving.host import machine_slug, tool_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -17,3 +17,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def results_dir(info: dict, out: Path | None = None) -> Path:
     """`out`, else `RESULTS/<machine slug>-<today>` for the machine `info` describes (`serving.host.machine`)."""
     return out or RESULTS / f"{machine_slug(info)}-{datetime.date.today().isoformat()}"
+
+
+def report_header(what: str, info: dict) -> dict:
+    """The fields every results file starts with: a title naming what, where and when; the date, the machine
+    (`serving.host.machine`) and the tool versions."""
+    date = datetime.date.today().isoformat()
+    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
+    return {"title": f"{what}: {where}, {date}", "date": date, "machine": info, "versions": tool_versions(commit=True)}

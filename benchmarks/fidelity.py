@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import results_dir
+from benchmarks import report_header, results_dir
 from client.results import DEFAULT_THRESHOLD
 from serving.inprocess import add_weight_arguments
 
@@ -338,13 +338,12 @@ def markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import datetime
     import json
 
     from benchmarks.bench import eager_reference
     from d3qe import load_detector
     from export.corpus import corpus, corpus_digest
-    from serving.host import machine, tool_versions
+    from serving.host import machine
 
     items = corpus(args.limit)
     ref = eager_reference(args)
@@ -365,13 +364,8 @@ def run(args: argparse.Namespace) -> int:
     kinds: dict[str, int] = {}
     for item in items:
         kinds[item.kind] = kinds.get(item.kind, 0) + 1
-    date = datetime.date.today().isoformat()
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
     header = {
-        "title": f"d3qe fidelity on {len(items)} corpus images, {where}, {date}",
-        "date": date,
-        "machine": info,
-        "versions": tool_versions(commit=True),
+        **report_header(f"d3qe fidelity on {len(items)} corpus images", info),
         "model": ref,
         "corpus": {"images": len(items), "kinds": kinds, "sha256": corpus_digest(items)},
         "images": [item.name for item in items],

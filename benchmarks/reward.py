@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import results_dir
-from serving.host import machine, tool_versions
+from benchmarks import report_header, results_dir
+from serving.host import machine
 from serving.inprocess import add_weight_arguments
 
 
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     args = p.parse_args(argv)
 
-    import datetime
 
     import torch
 
@@ -132,13 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [_row("eager fp32 in-process", n, eager_lat, None), _row("served d3qe_rgb", n, served_lat, delta)]
             print(json.dumps(rows[-2:], indent=1), file=sys.stderr, flush=True)
         reward.close()
-    date = datetime.date.today().isoformat()
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
     report = {
-        "title": f"D³QE as a reward, {args.image_size}² uint8: {where}, {date}",
-        "date": date,
-        "machine": info,
-        "versions": tool_versions(commit=True),
+        **report_header(f"D³QE as a reward, {args.image_size}² uint8", info),
         "model": ref,
         "repository": str(args.repo[0]),
         "settings": {"chunk_size": args.chunk_size, "concurrency": args.concurrency, "calls": args.calls},

@@ -20,19 +20,17 @@ under `benchmarks/results/<machine>-<date>/`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks import results_dir
-from serving.host import machine, tool_versions
+from benchmarks import report_header, results_dir
+from serving.host import machine
 
 if TYPE_CHECKING:
     from client.grpc_client import D3QEClient
@@ -141,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     for r in rows:
         r["frames_per_s"] = r["frames"] / r["seconds"]
-    date = datetime.date.today().isoformat()
-    where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
     served_model = {"name": model.name, "platform": model.platform, "max_batch_size": model.max_batch_size}
     if not args.url:
         manifest = Manifest.read(args.repo)
@@ -153,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             seeded_weights=manifest.seeded_weights,
         )
     report = {
-        "title": f"D³QE on video, {args.seconds:g} s 1280×720 H.264 @{args.rate} fps: {where}, {date}",
-        "date": date,
-        "machine": info,
-        "versions": {**tool_versions(commit=True), "av": metadata.version("av")},
+        **report_header(f"D³QE on video, {args.seconds:g} s 1280×720 H.264 @{args.rate} fps", info),
         "served": served_model,
         "repository": None if args.url else str(args.repo),
         "settings": {

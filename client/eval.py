@@ -78,12 +78,24 @@ class Perturbation:
     apply: Callable[[Path], bytes]
 
 
+def _decoded(path: Path):
+    """The image's RGB pixels as upstream reads them (PIL, `convert("RGB")`); ValueError when it cannot be.
+
+    The limits on size are the scorer's: it checks the perturbed image as it checks any other.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode {path.name}: {e}") from e
+
+
 def jpeg(quality: int) -> Perturbation:
     def apply(path: Path) -> bytes:
-        from d3qe import load_image
-
         out = io.BytesIO()
-        load_image(path).save(out, format="JPEG", quality=quality)
+        _decoded(path).save(out, format="JPEG", quality=quality)
         return out.getvalue()
 
     return Perturbation(f"jpeg{quality}", apply)
@@ -96,9 +108,7 @@ def crop(ratio: float) -> Perturbation:
     def apply(path: Path) -> bytes:
         from PIL import Image
 
-        from d3qe import load_image
-
-        img = load_image(path)
+        img = _decoded(path)
         w, h = img.size
         tw, th = int(w * ratio), int(h * ratio)
         left, top = (w - tw) // 2, (h - th) // 2
@@ -192,7 +202,7 @@ def _score_samples(
                 continue
             try:
                 yield str(path), perturbation.apply(path)
-            except ValueError as e:  # d3qe.ImageError
+            except ValueError as e:  # an undecodable file
                 results.append(ScoreResult.failed(str(path), f"{perturbation.name}: {e}"))
                 bar.update()
 

@@ -28,6 +28,7 @@ TOOLS = (
     "numpy",
     "tritonclient",
     "nvidia-pytriton",
+    "av",
 )
 
 

@@ -213,3 +213,11 @@ def test_score_runs_videos_in_process_with_runtime_eager(alone, frames, tiny_che
     assert main(args) == 0
     line = capsys.readouterr().out
     assert line.startswith(f"{path}\tvideo, {len(frames)} frames\tp_mean=") and "fake periods:" in line
+
+
+def test_the_frame_limits_are_the_models():
+    """client.video restates d3qe.preprocess's limits (importing them would import torch): they must agree."""
+    import d3qe.preprocess
+    from client import video
+
+    assert (video.MAX_PIXELS, video.MIN_SIDE) == (d3qe.preprocess.MAX_PIXELS, d3qe.preprocess.MIN_SIDE)
