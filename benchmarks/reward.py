@@ -1,6 +1,6 @@
 """The reward benchmark: RL-sized calls of D³QE as a reward, served vs the eager model in-process.
 
-    python -m benchmarks.reward --repo build/model_repository [--sizes 64 512] [--calls 2]
+    python -m benchmarks.reward --repo build/model_repository [--sizes 64:2 512:1]
 
 Each call scores N images of 512×512 uint8 RGB (seeded, smooth colour fields with noise, as a generator's
 samples), as a trainer's reward function would: through the server's `d3qe_rgb` entrance with
@@ -88,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repo", type=Path, default=Path("build/model_repository"), help="served (and its weights)")
     p.add_argument("--url", help="a running server instead of one started on --repo")
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 512], help="images per call")
-    p.add_argument("--calls", type=int, default=2, help="timed calls per runtime and size, after one warm-up image")
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["64:2", "512:1"],
+        metavar="N[:CALLS]",
+        help="images per call, and timed calls of that size per runtime (default 2), after one warm-up image",
+    )
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
@@ -123,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         reward.wait_until_ready(600)
         warm = generated_images(1, args.image_size, seed=99)
         reward(warm), eager(warm)
-        for n in args.sizes:
+        for size in args.sizes:
+            n, _, calls = size.partition(":")
+            n, calls = int(n), int(calls or 2)
             images = generated_images(n, args.image_size)
-            eager_lat, eager_scores = _timed_calls("eager in-process", eager, images, args.calls)
-            served_lat, (served_scores, _) = _timed_calls("served d3qe_rgb", reward, images, args.calls)
+            eager_lat, eager_scores = _timed_calls("eager in-process", eager, images, calls)
+            served_lat, (served_scores, _) = _timed_calls("served d3qe_rgb", reward, images, calls)
             delta = float(np.abs(served_scores - eager_scores).max())
             rows += [_row("eager fp32 in-process", n, eager_lat, None), _row("served d3qe_rgb", n, served_lat, delta)]
             print(json.dumps(rows[-2:], indent=1), file=sys.stderr, flush=True)
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         **report_header(f"D³QE as a reward, {args.image_size}² uint8", info),
         "model": ref,
         "repository": str(args.repo[0]),
-        "settings": {"chunk_size": args.chunk_size, "concurrency": args.concurrency, "calls": args.calls},
+        "settings": {"chunk_size": args.chunk_size, "concurrency": args.concurrency, "sizes": args.sizes},
         "rows": rows,
     }
     out_dir = results_dir(info, args.out)

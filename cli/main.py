@@ -20,7 +20,7 @@ class Command:
 
 
 COMMANDS = {
-    "score": Command("client.score", "score images: path, logit, probability, verdict", in_process=True),
+    "score": Command("client.score", "score images and videos: logit, probability, verdict", in_process=True),
     "eval": Command(
         "client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", True
     ),

@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 DEFAULT_THRESHOLD = 0.5  # upstream decides "generated" when P > 0.5
 
-# An image as every runtime takes it: its name in the results, and the encoded file (bytes) or a path to read.
-Item = tuple[str, bytes | Path]
+# An image as every runtime takes it: its name in the results, and the encoded file (bytes), a path to read,
+# or its decoded pixels (uint8 [H, W, 3]).
+Item = tuple[str, bytes | Path | np.ndarray]
 
 
 @dataclass(frozen=True)
