@@ -25,6 +25,7 @@ from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from cli.main import main
+from client.grpc_client import D3QEClient
 from d3qe.parts import PART_NAMES as PARTS
 from serving.manifest import Manifest
 from serving.repository import write_repository
@@ -227,6 +228,16 @@ def test_a_model_that_fails_to_load_is_named(tiny_repository, tmp_path):
     (repo / "vq_encoder" / "1" / "model.onnx").unlink()
     with pytest.raises(ServerError, match="exited with code 1 while starting:(.|\n)*vq_encoder(.|\n)*is missing"):
         TritonServer(repo, free_endpoints(), startup_timeout=120).start()
+
+
+def test_a_torch_runtime_repository_serves_the_fixture(tiny_checkpoint, fixture_bytes, tmp_path):
+    """The torch runtime's VQ residual is a permuted view: it must leave the part contiguous (DLPack)."""
+    repo = tmp_path / "torch_repository"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--runtime", "torch", "--out", str(repo)]) == 0
+    with TritonServer(repo, free_endpoints()) as server, D3QEClient(server.endpoints.grpc_url) as client:
+        results = list(client.score((str(i), b) for i, (b, _) in enumerate(fixture_bytes)))
+    assert all(r.ok for r in results), [r.error for r in results]
+    np.testing.assert_allclose([r.logit for r in results], [v for _, v in fixture_bytes], rtol=0, atol=LOGIT_TOL)
 
 
 def test_configs_are_valid_model_config_protobufs(tiny_repository):
