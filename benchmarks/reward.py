@@ -70,7 +70,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['runtime']}\n{r['images_per_call']}/call" for r in rows]
+    labels = [f"{r['runtime'].split()[0]}\n{r['images_per_call']}/call" for r in rows]
     colours = ["tab:gray" if "eager" in r["runtime"] else "tab:blue" for r in rows]
     left.bar(labels, [r["images_per_s"] for r in rows], color=colours)
     left.set_ylabel("images/s")
