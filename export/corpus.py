@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from d3qe.preprocess import MIN_SIDE
+
 # (corpus name, file in skimage/data); each ships in the wheel, so reading it needs no network.
 PHOTOS = (
     ("astronaut", "astronaut.png"),
@@ -50,7 +52,6 @@ RESCALES = (
 )
 ROTATIONS = ((90, Image.Transpose.ROTATE_90), (180, Image.Transpose.ROTATE_180), (270, Image.Transpose.ROTATE_270))
 JPEG_QUALITIES = (95, 75, 50, 30)
-MIN_SIDE = 16  # d3qe.preprocess.MIN_SIDE, not imported: d3qe pulls in torch
 # Rescales beyond it are skipped and photographs beyond it give only crops and downscales: such items
 # would cost the most bytes and time and add no new case.
 MAX_SIDE = 1280
