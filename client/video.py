@@ -187,6 +187,9 @@ class _Decoded:
                     ctx = stream.codec_context
                     if ctx is None:
                         raise VideoError(f"{path}: unsupported video codec")
+                    # One decoding thread: FFmpeg's worker threads log their errors outside this thread's
+                    # Capture, and a corrupt stream would then decode "successfully" (seen with H.264).
+                    ctx.thread_type, ctx.thread_count = "NONE", 1
                     if ctx.width and ctx.height:  # 0: not in the header; each frame is checked anyway
                         _check_size(path, ctx.width, ctx.height)
                     self.expected = _expected_frames(container, stream, self.fps)
