@@ -1,9 +1,9 @@
 """Per-part speed of exported artifacts against the eager part, measured in the same run.
 
-    python -m benchmarks.export_parts --repo model_repository /tmp/int8 [--checkpoint PATH] [--batches 1 8]
+    python -m benchmarks.export_parts --repo build/model_repository build/model_repository_int8 [--checkpoint PATH] [--batches 1 8]
 
 Each repository (written by `d3qe export`) is run part by part in-process through
-`export.runtimes.load_part`; the eager fp32 part of the model they were exported from is timed in
+`serving.runtimes.load_part`; the eager fp32 part of the model they were exported from is timed in
 the same loop, interleaved with them, so load from other processes hits both alike. Prints ms/image
 and the ratio to eager per part and batch, with each export's size, export time and measured
 error from its manifest; writes `export_parts.json` and `export_parts.png` under
