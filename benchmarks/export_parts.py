@@ -1,6 +1,6 @@
 """Per-part speed of exported artifacts against the eager part, measured in the same run.
 
-    python -m benchmarks.export_parts --repo build/model_repository build/model_repository_int8 [--checkpoint PATH] [--batches 1 8]
+    python -m benchmarks.export_parts --repo build/model_repository build/model_repository_int8 [--batches 1 8]
 
 Each repository (written by `d3qe export`) is run part by part in-process through
 `serving.runtimes.load_part`; the eager fp32 part of the model they were exported from is timed in
