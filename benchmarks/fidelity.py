@@ -35,7 +35,6 @@ from client.results import DEFAULT_THRESHOLD
 from serving.inprocess import add_weight_arguments
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-INDEX_OUTPUTS = ("RESIDUAL", "INDICES")
 
 
 @dataclass
@@ -116,19 +115,13 @@ def run_parts(config: Config, pixels: list[np.ndarray], batch: int, cache: dict)
         key, runner = config.runners[part]
         upstream = f"{upstream}/{key}"
         if upstream not in cache:
-            names = _inputs(part)
             chunks = []
             for start in tqdm(range(0, len(pixels), batch), desc=f"{config.name}: {part}", unit="batch", leave=False):
-                chunks.append(runner({n: tensors[n][start : start + batch] for n in names}))
+                # every tensor so far: a runner takes the inputs its part declares
+                chunks.append(runner({n: t[start : start + batch] for n, t in tensors.items()}))
             cache[upstream] = {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
         tensors.update(cache[upstream])
     return tensors
-
-
-def _inputs(part: str) -> tuple[str, ...]:
-    return {"vq_encoder": ("PIXELS",), "clip_visual": ("PIXELS",), "d3qe_head": ("RESIDUAL", "INDICES", "CLIP_FEAT")}[
-        part
-    ]
 
 
 def served_logits(url: str, items, timeout: float) -> np.ndarray:
@@ -159,7 +152,7 @@ def summarize(
     name: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], codebook: np.ndarray | None
 ) -> dict:
     """The fidelity of one configuration against the reference (see the module's docstring)."""
-    from export.validate import token_ties
+    from export.validate import INDEX_OUTPUTS, token_ties
 
     ref_logit, logit = reference["LOGIT"].reshape(-1), got["LOGIT"].reshape(-1)
     ok = np.isfinite(logit)
@@ -199,9 +192,8 @@ def reference_gaps(reference: dict[str, np.ndarray], codebook: np.ndarray) -> di
     """How tied the reference's own code choices are: share of tokens whose two best codes score within d."""
     from export.validate import token_ties
 
-    gap = token_ties(reference["RESIDUAL"], reference["INDICES"], *(reference[n] for n in INDEX_OUTPUTS), codebook)[
-        "gap"
-    ]
+    residual, indices = reference["RESIDUAL"], reference["INDICES"]
+    gap = token_ties(residual, indices, residual, indices, codebook)["gap"]
     return {f"gap<{d:g}": float((gap < d).mean()) for d in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)}
 
 
