@@ -41,7 +41,8 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"{self.part} failed: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         sizes = [len(b[self.inputs[0]]) for b in batches]
-        pieces = {n: torch.split(outputs[n], sizes) for n in self.outputs}
+        # DLPack hands over dense tensors only: a runtime may return a view (the torch VQ residual is permuted)
+        pieces = {n: torch.split(outputs[n].contiguous(), sizes) for n in self.outputs}
         return [
             pb_utils.InferenceResponse(
                 [pb_utils.Tensor.from_dlpack(n, torch.utils.dlpack.to_dlpack(pieces[n][k])) for n in self.outputs]

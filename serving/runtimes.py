@@ -162,8 +162,7 @@ class TorchRunner(PartRunner):
         with torch.inference_mode():
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
-        # .contiguous(): a permuted view (the VQ residual) cannot leave through DLPack to the next Triton step
-        return {n: t.contiguous() for n, t in zip(self.output_names, outs, strict=True)}
+        return dict(zip(self.output_names, outs, strict=True))
 
 
 class TensorRTRunner(PartRunner):
