@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint demo bench fidelity bench-gpu clean
+.PHONY: venv browser test lint demo bench fidelity bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -15,7 +15,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-test: venv
+# The review page's test drives Debian's Chromium and its driver (as root, as CI runs; once per machine).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: venv browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

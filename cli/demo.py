@@ -24,7 +24,9 @@ def _say(line: str) -> None:
 
 
 def reusable_export(repo: Path, args: argparse.Namespace) -> Manifest | None:
-    """The manifest of a validated export at `repo` of exactly these weights, with intact artifacts; else None."""
+    """The manifest of a validated export at `repo` of exactly these weights, with every part this version
+    exports and intact artifacts; else None."""
+    from d3qe.parts import EVIDENCE, PART_NAMES
     from serving.manifest import checkpoint_record
 
     try:
@@ -35,6 +37,7 @@ def reusable_export(repo: Path, args: argparse.Namespace) -> Manifest | None:
         return None
     same_weights = (
         manifest.passed
+        and manifest.parts.keys() == {*PART_NAMES, EVIDENCE}
         and manifest.freq_bias == args.freq_bias
         and manifest.checkpoint == checkpoint_record(args.checkpoint)
         and manifest.vq_checkpoint == checkpoint_record(args.vq_checkpoint)

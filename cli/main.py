@@ -31,6 +31,7 @@ COMMANDS = {
     "fidelity": Command(
         "benchmarks.fidelity", "what each runtime and precision does to the scores, on the fidelity corpus"
     ),
+    "ui": Command("ui.app", "a review page on loopback: drop images and videos, see scores, timelines and evidence"),
     "soak": Command("benchmarks.soak", "good and bad requests above capacity for a bounded time: all accounted for"),
 }
 

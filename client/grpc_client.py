@@ -36,6 +36,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
+from client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
 from client.results import DEFAULT_THRESHOLD, Item, ScoreResult
 
 DEFAULT_URL = "localhost:8001"
@@ -381,6 +382,13 @@ class D3QEClient(_ClientBase):
     def score_batch(self, batch: list[Item]) -> list[ScoreResult]:
         """One request (split only if an image in it fails), in this thread: for callers timing requests."""
         return self._drive(self._plan(batch))
+
+    def evidence(self, item: Item, model: str = EVIDENCE_MODEL) -> Evidence:
+        """One encoded image's score with a reviewer's evidence (`client.evidence`), from the evidence ensemble."""
+        read = _read_item(item, IMAGE)
+        if isinstance(read, ScoreResult):
+            raise EvidenceError(f"{read.source}: {read.error}")
+        return fetch_evidence(self._grpc, *read, model, self.threshold)
 
     def _drive(self, plan: Generator[_Step, _Outcome, list[ScoreResult]]) -> list[ScoreResult]:
         try:

@@ -67,10 +67,17 @@ def _logits(
     return (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + gamma.to(q.dtype) * bias, bias
 
 
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + γ·qb·kbᵀ): [B, H, Lq, Lk], each query's weights over the keys."""
+    return _logits(q, k, qb, kb, gamma)[0].softmax(dim=-1)
+
+
 def freq_biased_attention_math(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor, gamma: torch.Tensor
 ) -> torch.Tensor:
-    return _logits(q, k, qb, kb, gamma)[0].softmax(dim=-1) @ v
+    return attention_weights(q, k, qb, kb, gamma) @ v
 
 
 @freq_biased_attention.register_kernel("cuda")

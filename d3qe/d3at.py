@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d3qe.attention import freq_biased_attention
+from d3qe.attention import attention_weights, freq_biased_attention
 from d3qe.config import HeadConfig
 
 
@@ -31,14 +31,28 @@ class FreqBiasedBlock(nn.Module):
         b, n, _ = t.shape
         return t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], freq [B, L] → [B, L, C]."""
-        b, n, c = x.shape
+    def _projections(self, x: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [B, H, L, D] from the tokens; qb, kb [B, H, L, D] from the frequencies."""
         q, k, v = (self._heads(t) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
         fb = self._heads(self.freq_proj(freq.unsqueeze(-1)))
-        out = freq_biased_attention(q, k, v, self.W_q(fb), self.W_k(fb), self.freq_scale)
-        x = x + self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+        return q, k, v, self.W_q(fb), self.W_k(fb)
+
+    def _rest(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The block after attention: output projection, residual, MLP."""
+        b, n, c = x.shape
+        x = x + self.out_proj(attended.transpose(1, 2).reshape(b, n, c))
         return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+        """x [B, L, C], freq [B, L] → [B, L, C]."""
+        q, k, v, qb, kb = self._projections(x, freq)
+        return self._rest(x, freq_biased_attention(q, k, v, qb, kb, self.freq_scale))
+
+    def forward_with_weights(self, x: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` by the math, also returning its attention weights [B, H, L, L] (the fused op keeps none)."""
+        q, k, v, qb, kb = self._projections(x, freq)
+        weights = attention_weights(q, k, qb, kb, self.freq_scale)
+        return self._rest(x, weights @ v), weights
 
 
 class D3AT(nn.Module):
@@ -54,3 +68,13 @@ class D3AT(nn.Module):
         for layer in self.layers:
             tokens = layer(tokens, freq)
         return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+    def attention_received(self, x: torch.Tensor, freq: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W], freq [B, H·W] → [B, depth, H·W]: the attention each token receives in each layer,
+        averaged over the heads and the queries (a row of weights sums to 1, so these average 1 / (H·W))."""
+        tokens = x.flatten(2).transpose(1, 2) + self.pos_embed
+        received = []
+        for layer in self.layers:
+            tokens, weights = layer.forward_with_weights(tokens, freq)
+            received.append(weights.mean(dim=(1, 2)))
+        return torch.stack(received, dim=1)

@@ -46,12 +46,17 @@ class D3QE(nn.Module):
             nn.Linear(h.fc_dim, 1),
         )
 
+    def code_frequencies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each code's share of the real and of the fake training images' tokens: [codebook size] each."""
+        real = self.real_codebook_count / (self.real_codebook_count.sum() + 1e-8)
+        fake = self.fake_codebook_count / (self.fake_codebook_count.sum() + 1e-8)
+        return real, fake
+
     def token_frequency(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [B, L] int64 → freq [B, L] float32: real minus fake code frequency, or zeros."""
         if self.freq_bias == "reference":
             return torch.zeros_like(indices, dtype=self.real_codebook_count.dtype)
-        real = self.real_codebook_count / (self.real_codebook_count.sum() + 1e-8)
-        fake = self.fake_codebook_count / (self.fake_codebook_count.sum() + 1e-8)
+        real, fake = self.code_frequencies()
         return (real - fake)[indices]
 
     def classify(self, residual: torch.Tensor, indices: torch.Tensor, clip_feat: torch.Tensor) -> torch.Tensor:
@@ -60,6 +65,17 @@ class D3QE(nn.Module):
         h = d3at(relu(bn(conv(residual))), self.token_frequency(indices))
         fused = torch.cat([self.mixed_proj(self.feature_pooler(h)), self.clip_proj(clip_feat)], dim=1)
         return self.fc(fused)
+
+    def evidence(self, residual: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What a reviewer looks at, per token of the 16×16 grid: residual [B, D, h, w], indices [B, h·w] →
+        ERROR_MAP [B, h, w] (|z_q − z|, the quantization error's magnitude), ATTENTION [B, h, w] (the D³AT
+        attention each token receives, averaged over layers, heads and queries), REAL_FREQ and FAKE_FREQ
+        [B, h·w] (the token's code's share of the real and the fake training tokens)."""
+        b, _, h, w = residual.shape
+        conv, bn, relu, d3at = self.feature_processor
+        attention = d3at.attention_received(relu(bn(conv(residual))), self.token_frequency(indices)).mean(dim=1)
+        real, fake = self.code_frequencies()
+        return residual.norm(dim=1), attention.reshape(b, h, w), real[indices], fake[indices]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual, indices = self.vq_model(x)

@@ -1,4 +1,5 @@
-"""The three parts the Triton ensemble runs, each declared once (the Optimum way).
+"""The parts the Triton ensembles run, each declared once (the Optimum way): the three that score
+(`PART_NAMES`) and the evidence a reviewer asks for (`EVIDENCE`).
 
 A part declares its input and output tensors (name, dtype, shape with a symbolic batch axis), the
 ONNX opset, which outputs must agree exactly (code indices), and the `nn.Module` wrapper that exposes
@@ -20,6 +21,7 @@ from d3qe.config import D3QEConfig
 BATCH = "batch"  # the symbolic batch axis, axis 0 of every tensor
 OPSET = 18  # export/onnx_attention.py writes opset-18 onnxscript
 PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")  # in the order the ensemble runs them
+EVIDENCE = "evidence"  # the fourth part: run only by the evidence ensemble, for reviewers
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class D3QEHead(nn.Module):
     """
 
     classify = D3QE.classify
+    code_frequencies = D3QE.code_frequencies
 
     def __init__(self, model: D3QE, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -99,6 +102,28 @@ class D3QEHead(nn.Module):
         return logit, torch.sigmoid(logit)
 
 
+class Evidence(nn.Module):
+    """RESIDUAL, INDICES → ERROR_MAP, ATTENTION [B, 16, 16], REAL_FREQ, FAKE_FREQ [B, 256] (`D3QE.evidence`).
+
+    Always fp32, whatever the export's precision: it runs only when a reviewer asks, who reads its numbers.
+    Shares the head's names (`feature_processor`, the codebook counts) so that the same weights fill it.
+    """
+
+    evidence = D3QE.evidence
+    code_frequencies = D3QE.code_frequencies
+    token_frequency = D3QE.token_frequency
+
+    def __init__(self, model: D3QE, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.freq_bias = model.freq_bias
+        self.feature_processor = model.feature_processor
+        self.register_buffer("real_codebook_count", model.real_codebook_count)
+        self.register_buffer("fake_codebook_count", model.fake_codebook_count)
+
+    def forward(self, residual: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.evidence(residual.float(), indices)
+
+
 @dataclass(frozen=True)
 class PartSpec:
     name: str
@@ -108,6 +133,7 @@ class PartSpec:
     exact_outputs: tuple[str, ...] = ()  # compared for equality, not closeness
     # Modules whose MatMul/Gemm ONNX Runtime int8-quantises; none: the part stays fp32 at --precision int8.
     int8_scopes: tuple[str, ...] = ()
+    fp32_only: bool = False  # exported in fp32 at every precision
     opset: int = OPSET
 
     @property
@@ -152,7 +178,7 @@ def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
     residual = TensorSpec("RESIDUAL", "float32", (BATCH, cfg.vq.codebook_dim, grid, grid))
     indices = TensorSpec("INDICES", "int64", (BATCH, grid * grid))
     clip_feat = TensorSpec("CLIP_FEAT", "float32", (BATCH, cfg.clip.output_dim))
-    parts = [  # in PART_NAMES' order
+    parts = [  # in PART_NAMES' order, then the evidence
         PartSpec(
             "vq_encoder",
             VQEncoder,
@@ -169,6 +195,18 @@ def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
             (TensorSpec("LOGIT", "float32", (BATCH, 1)), TensorSpec("PROB", "float32", (BATCH, 1))),
             # No int8: the head is ~1 % of the time, and int8 added ~0.05 to the fixture's logits.
         ),
+        PartSpec(
+            EVIDENCE,
+            Evidence,
+            (residual, indices),
+            (
+                TensorSpec("ERROR_MAP", "float32", (BATCH, grid, grid)),
+                TensorSpec("ATTENTION", "float32", (BATCH, grid, grid)),
+                TensorSpec("REAL_FREQ", "float32", (BATCH, grid * grid)),
+                TensorSpec("FAKE_FREQ", "float32", (BATCH, grid * grid)),
+            ),
+            fp32_only=True,
+        ),
     ]
     return {p.name: p for p in parts}
 
@@ -180,6 +218,7 @@ def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         residual, indices = model.vq_model(pixels)
         clip_feat = model.clip_model(pixels)
         logit = model.classify(residual, indices, clip_feat)
+        error_map, attention, real_freq, fake_freq = model.evidence(residual, indices)
     return {
         "PIXELS": pixels,
         "RESIDUAL": residual,
@@ -187,4 +226,8 @@ def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         "CLIP_FEAT": clip_feat,
         "LOGIT": logit,
         "PROB": torch.sigmoid(logit),
+        "ERROR_MAP": error_map,
+        "ATTENTION": attention,
+        "REAL_FREQ": real_freq,
+        "FAKE_FREQ": fake_freq,
     }

@@ -1,4 +1,4 @@
-"""`d3qe export`: the three parts → validated artifacts and `manifest.json`, laid out as a Triton repository."""
+"""`d3qe export`: the parts → validated artifacts and `manifest.json`, laid out as a Triton repository."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def check_supported(runtime: str, precision: str, device: str, plugin: bool = Fa
 
 
 def part_precision(spec: PartSpec, precision: str) -> str:
-    """The precision a part is exported at: int8 only where the part declares where (the rest stays fp32)."""
-    return "fp32" if precision == "int8" and not spec.int8_scopes else precision
+    """The precision a part is exported at: int8 only where the part declares where (the rest stays fp32),
+    and fp32 for a part declared `fp32_only`."""
+    return "fp32" if spec.fp32_only or (precision == "int8" and not spec.int8_scopes) else precision
 
 
 def _write_artifact(
@@ -155,7 +156,7 @@ def export_repository(
     native_configs: bool = False,
     log: Callable[[str], None] = print,
 ) -> Manifest:
-    """Export, validate and describe the three parts of `model` under `out_dir`; returns the manifest.
+    """Export, validate and describe the parts of `model` under `out_dir`; returns the manifest.
 
     Writes `manifest.json` even when validation fails (with the failures in it), then raises ValidationError.
     """
@@ -208,7 +209,7 @@ def export_repository(
         manifest.parts[name].validation = result
         verdict = "ok" if result["passed"] else "FAILED: " + "; ".join(result["problems"])
         log(f"      batches {', '.join(result['batches'])}: {_summary(result['worst'])} — {verdict}")
-    log(f"end to end: {len(pixels)} images through the three artifacts …")
+    log(f"end to end: {len(pixels)} images through the artifacts …")
     chain = validate_chain(runners, specs, reference, TOLERANCES[precision], max_batch, codebook)
     manifest.end_to_end = chain
     log(f"      {_summary(chain['measured'])} — {'ok' if chain['passed'] else 'FAILED'}")

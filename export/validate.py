@@ -63,8 +63,13 @@ def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreemen
 # tests/fixtures/REFERENCE.md). A near-tie flip moves its image's logit further (up to 1.8e-2 in that
 # run): reported, not held to LOGIT. Each reduced precision has its own row, set at about 2-2.5x the worst
 # error measured (export/README.md lists the measurements).
+# The evidence part (fp32 at every precision) is held to rounding: its outputs are shown, not thresholded
+# (tiny fixture: ERROR_MAP and the frequencies exact, ATTENTION 5.1e-9).
+EVIDENCE_TOLERANCE = {"ERROR_MAP": 1e-5, "ATTENTION": 1e-6, "REAL_FREQ": 1e-8, "FAKE_FREQ": 1e-8}
 TOLERANCES = {
-    "fp32": Tolerance({"RESIDUAL": 5e-3, "CLIP_FEAT": 1e-4, "LOGIT": 1e-2, "PROB": 2.5e-3}, 0.99),
+    "fp32": Tolerance(
+        {"RESIDUAL": 5e-3, "CLIP_FEAT": 1e-4, "LOGIT": 1e-2, "PROB": 2.5e-3, **EVIDENCE_TOLERANCE}, 0.99
+    ),
     "int8": _reduced(5e-3, 0.4, 0.08, 0.99),  # CLIP only: the VQ encoder and the head stay fp32
     "fp16": _reduced(2e-2, 0.015, 0.05, 0.97),
     "bf16": _reduced(2e-1, 0.1, 0.2, 0.85),

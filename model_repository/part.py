@@ -1,4 +1,4 @@
-"""Triton python-backend model shared by `vq_encoder`, `clip_visual` and `d3qe_head`.
+"""Triton python-backend model shared by the parts: `vq_encoder`, `clip_visual`, `d3qe_head` and `evidence`.
 
 `serving.repository.write_repository` copies this file to `<repository>/<part>/1/model.py` for each
 part; its config's typed parameters (`serving.model_params.PartParameters`) say which part it hosts.

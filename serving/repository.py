@@ -13,7 +13,14 @@ are the export's):
     d3qe_pipeline/         ensemble: IMAGE → preprocess → vq_encoder ∥ clip_visual → d3qe_head → LOGIT, PROB
     d3qe_rgb_pipeline/     ensemble: RGB → preprocess_rgb → the same three parts → LOGIT, PROB
     d3qe_tensor_pipeline/  ensemble: PIXELS → check_pixels → the same three parts → LOGIT, PROB
-    d3qe/, d3qe_rgb/, d3qe_tensor/   config.pbtxt, 1/model.py   the admission gates clients call, one per ensemble
+    evidence/              config.pbtxt, 1/model.py [, configs/native.pbtxt]   RESIDUAL, INDICES → the maps
+    d3qe_evidence_pipeline/  ensemble: IMAGE → preprocess → the three parts ∥ evidence → LOGIT, PROB, INDICES,
+                           ERROR_MAP, ATTENTION, REAL_FREQ, FAKE_FREQ
+    d3qe/, d3qe_rgb/, d3qe_tensor/, d3qe_evidence/   config.pbtxt, 1/model.py   the admission gates clients call,
+                           one per ensemble
+
+The evidence ensemble (written when the export has the `evidence` part) shares the parts with the others:
+plain scoring never runs the evidence part, a reviewer's request runs it beside the head.
 
 A gate's queue policy is where overload is refused (see `admission_config`); the ensembles and the
 parts have none. `configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which
@@ -35,7 +42,7 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
-from d3qe.parts import PART_NAMES
+from d3qe.parts import EVIDENCE, PART_NAMES
 from serving.manifest import Manifest, PartEntry, TensorEntry
 from serving.model_params import GateParameters, PartParameters, PreprocessParameters
 
@@ -133,17 +140,22 @@ class Entrance:
     first: str  # the first step's model
     input: TensorEntry  # what clients send (shape with the batch axis first)
     output: str  # the first step's output, PIXELS for the parts
+    evidence: bool = False  # also runs the evidence part and returns its outputs
 
 
-def entrances(pixels: TensorEntry) -> tuple[Entrance, ...]:
-    """Encoded files (`d3qe`), decoded pixels of any size (`d3qe_rgb`), model input tensors (`d3qe_tensor`)."""
+def entrances(pixels: TensorEntry, evidence: bool = False) -> tuple[Entrance, ...]:
+    """Encoded files (`d3qe`), decoded pixels of any size (`d3qe_rgb`), model input tensors (`d3qe_tensor`),
+    and with `evidence` encoded files with the reviewer's evidence (`d3qe_evidence`)."""
     image = TensorEntry("IMAGE", "object", [-1, 1])
     rgb = TensorEntry("RGB", "uint8", [-1, -1, -1, 3])
-    return (
+    scoring = (
         Entrance("d3qe", "d3qe_pipeline", "preprocess", image, "PIXELS"),
         Entrance("d3qe_rgb", "d3qe_rgb_pipeline", "preprocess_rgb", rgb, "PIXELS"),
         Entrance("d3qe_tensor", "d3qe_tensor_pipeline", "check_pixels", pixels, "CHECKED"),
     )
+    if not evidence:
+        return scoring
+    return (*scoring, Entrance("d3qe_evidence", "d3qe_evidence_pipeline", "preprocess", image, "PIXELS", True))
 
 
 def preprocess_config(entrance: Entrance, max_batch: int, image_size: int, queue_delay_us: int) -> mc.ModelConfig:
@@ -177,14 +189,18 @@ def check_pixels_config(max_batch: int, pixels: TensorEntry, queue_delay_us: int
 
 def ensemble_config(entrance: Entrance, entries: dict[str, PartEntry], max_batch: int) -> mc.ModelConfig:
     """The entrance's first step (preprocess, preprocess_rgb or check_pixels), then vq_encoder ∥ clip_visual →
-    d3qe_head."""
+    d3qe_head (∥ evidence, returning the code indices too)."""
+    parts = [*PART_NAMES, EVIDENCE] if entrance.evidence else PART_NAMES
     config = mc.ModelConfig(name=entrance.ensemble, platform="ensemble", max_batch_size=max_batch)
     _add_tensors(config.input, [entrance.input])
     _add_tensors(config.output, entries["d3qe_head"].outputs)
+    if entrance.evidence:
+        indices = next(t for t in entries["vq_encoder"].outputs if t.name == "INDICES")
+        _add_tensors(config.output, [indices, *entries[EVIDENCE].outputs])
     step = config.ensemble_scheduling.step.add(model_name=entrance.first, model_version=-1)
     step.input_map[entrance.input.name] = entrance.input.name
     step.output_map[entrance.output] = "pixels"  # ensemble-internal name; the ensemble's own input may be PIXELS
-    for part in PART_NAMES:
+    for part in parts:
         step = config.ensemble_scheduling.step.add(model_name=part, model_version=-1)
         for t in entries[part].inputs:
             step.input_map[t.name] = "pixels" if t.name == "PIXELS" else t.name
@@ -263,7 +279,7 @@ def write_repository(
 ) -> list[Path]:
     """Write every config, python model, ensemble and gate for the parts `manifest` describes; returns the files.
 
-    `device` ("cpu" or "cuda") is where the three parts run, `instances` of each; `threads` is the
+    `device` ("cpu" or "cuda") is where the parts run, `instances` of each; `threads` is the
     intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
     `max_queue_size`, `queue_timeout_s` and `admitted_batches` are each gate's overload policy
     (`admission_config`).
@@ -272,7 +288,8 @@ def write_repository(
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     out_dir = Path(out_dir)
     cfg = manifest.d3qe_config()
-    entries = {part: manifest.parts[part] for part in PART_NAMES}
+    evidence = EVIDENCE in manifest.parts  # exports before the evidence part have none
+    entries = {part: manifest.parts[part] for part in (*PART_NAMES, EVIDENCE) if part in manifest.parts}
     threads = threads or default_threads(instances)
     max_batch = min(e.max_batch for e in entries.values())
     options = {"device": device, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us}
@@ -287,13 +304,13 @@ def write_repository(
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
     pixels = entries["vq_encoder"].inputs[0]
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
-    for entrance in entrances(pixels):
+    for entrance in entrances(pixels, evidence):
         first = out_dir / entrance.first
         if entrance.first == "check_pixels":
             config = check_pixels_config(max_batch, pixels, queue_delay_us)
             written.append(_write_config(first / "config.pbtxt", config))
             written.append(_install_model("check_pixels", first))
-        else:
+        elif not entrance.evidence:  # the evidence ensemble decodes with the scoring ensemble's preprocess
             config = preprocess_config(entrance, max_batch, cfg.image_size, queue_delay_us)
             written.append(_write_config(first / "config.pbtxt", config))
             written.append(_install_model("preprocess", first))
@@ -305,6 +322,7 @@ def write_repository(
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
         gate = admission_config(entrance.gate, ensemble, **policy)
+        _parameters(gate, {"manifest_id": manifest.id})  # the export answering, for clients to record
         written.append(_write_config(out_dir / entrance.gate / "config.pbtxt", gate))
         written.append(_install_model("admission", out_dir / entrance.gate))
     return written

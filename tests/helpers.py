@@ -40,3 +40,18 @@ def copy_models(src: Path, dest: Path, *models: str) -> Path:
         shutil.copytree(src / model, dest / model)
     shutil.copy(src / "manifest.json", dest / "manifest.json")
     return dest
+
+
+def write_video(path: Path, frames: list[np.ndarray], rate: int) -> Path:
+    """H.264 RGB at qp 0 (libx264rgb): lossless, so decoding gives back exactly `frames`."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "rgb24"
+        stream.options = {"qp": "0"}
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path

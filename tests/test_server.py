@@ -62,15 +62,25 @@ def batch_sizes(client, model: str) -> dict[int, int]:
     return {b.batch_size: b.compute_infer.count for b in stats.batch_stats}
 
 
+SCORING_MODELS = {
+    *("preprocess", "preprocess_rgb", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head"),
+    *("d3qe_pipeline", "d3qe_rgb_pipeline", "d3qe_tensor_pipeline", "d3qe", "d3qe_rgb", "d3qe_tensor"),
+}
+
+
 def test_repository_layout(tiny_repository):
     models = {p.parent.name for p in tiny_repository.glob("*/config.pbtxt")}
-    assert models == {
-        *("preprocess", "preprocess_rgb", "check_pixels", "vq_encoder", "clip_visual", "d3qe_head"),
-        *("d3qe_pipeline", "d3qe_rgb_pipeline", "d3qe_tensor_pipeline", "d3qe", "d3qe_rgb", "d3qe_tensor"),
-    }
-    for part in ("vq_encoder", "clip_visual", "d3qe_head"):
+    assert models == {*SCORING_MODELS, "evidence", "d3qe_evidence_pipeline", "d3qe_evidence"}
+    for part in (*PARTS, "evidence"):
         assert (tiny_repository / part / "1" / "model.onnx").is_file()
         assert (tiny_repository / part / "1" / "model.py").is_file()
+
+
+def test_an_export_without_the_evidence_part_still_gets_every_scoring_model(tiny_repository, tmp_path):
+    manifest = Manifest.read(tiny_repository)
+    del manifest.parts["evidence"]
+    write_repository(tmp_path, manifest)
+    assert {p.parent.name for p in tmp_path.glob("*/config.pbtxt")} == SCORING_MODELS
 
 
 def test_images_through_d3qe_match_the_fixture(client, fixture_bytes):

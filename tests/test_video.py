@@ -13,26 +13,13 @@ from PIL import Image, ImageOps
 from cli.main import main
 from client.grpc_client import D3QEClient
 from client.video import VideoError, decode_frames, fake_periods, score_video, top_mean
-from tests.helpers import LOGIT_TOL
+from tests.helpers import LOGIT_TOL, write_video
 
 av = pytest.importorskip("av")
 
 RATE = 4  # frames per second of the test videos
 SIZE = 256
 server = [pytest.mark.server, pytest.mark.slow]
-
-
-def write_video(path: Path, frames: list[np.ndarray], rate: int = RATE) -> Path:
-    """H.264 RGB at qp 0 (libx264rgb): lossless, so decoding gives back exactly `frames`."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264rgb", rate=rate)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "rgb24"
-        stream.options = {"qp": "0"}
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
-    return path
 
 
 def write_audio_only(path: Path) -> Path:
@@ -74,7 +61,7 @@ def alone(tiny_server, frames) -> list[float]:
 
 
 def test_decoding_is_lossless_and_samples_at_fps(frames, tmp_path):
-    path = write_video(tmp_path / "clip.mkv", frames)
+    path = write_video(tmp_path / "clip.mkv", frames, RATE)
     decoded = list(decode_frames(path, fps=None))
     assert [t for t, _ in decoded] == [i / RATE for i in range(len(frames))]
     for want, (_, got) in zip(frames, decoded, strict=True):
@@ -111,13 +98,13 @@ def test_fake_periods_land_where_the_high_frames_are():
 
 
 def test_bad_videos_raise_naming_the_file_and_the_problem(frames, tmp_path):
-    good = write_video(tmp_path / "good.mkv", frames).read_bytes()
+    good = write_video(tmp_path / "good.mkv", frames, RATE).read_bytes()
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "text.mp4").write_text("not a video\n")
     (tmp_path / "truncated.mkv").write_bytes(good[: len(good) // 2])
     (tmp_path / "corrupt.mkv").write_bytes(corrupted(good))
     write_audio_only(tmp_path / "audio.mkv")
-    write_video(tmp_path / "tiny.mkv", [np.zeros((8, 32, 3), np.uint8)] * 2)
+    write_video(tmp_path / "tiny.mkv", [np.zeros((8, 32, 3), np.uint8)] * 2, RATE)
     problems = {
         "missing.mp4": "no such file",
         "empty.mp4": "empty file",
@@ -138,7 +125,7 @@ def test_bad_videos_raise_naming_the_file_and_the_problem(frames, tmp_path):
 @pytest.mark.server
 @pytest.mark.slow
 def test_each_frame_scores_as_the_image_alone(client, alone, frames, tmp_path):
-    path = write_video(tmp_path / "clip.mkv", frames)
+    path = write_video(tmp_path / "clip.mkv", frames, RATE)
     result = score_video(path, client, every_frame=True, progress=False)
     assert [f.time_s for f in result.frames] == [i / RATE for i in range(len(frames))]
     np.testing.assert_allclose([f.logit for f in result.frames], alone, rtol=0, atol=1e-5)
@@ -161,7 +148,7 @@ def test_a_folder_scores_videos_beside_images_and_bad_videos_fail_alone(
     sequence = [frames[low]] * 12 + [frames[high]] * 8 + [frames[low]] * 8
     folder = tmp_path / "in"
     folder.mkdir()
-    good = write_video(folder / "spliced.mkv", sequence).read_bytes()
+    good = write_video(folder / "spliced.mkv", sequence, RATE).read_bytes()
     (folder / "truncated.mkv").write_bytes(good[: len(good) // 2])
     (folder / "corrupt.mkv").write_bytes(corrupted(good))
     (folder / "empty.mp4").write_bytes(b"")
@@ -204,7 +191,7 @@ def test_a_folder_scores_videos_beside_images_and_bad_videos_fail_alone(
 @pytest.mark.server
 @pytest.mark.slow
 def test_score_runs_videos_in_process_with_runtime_eager(alone, frames, tiny_checkpoint, tmp_path, capsys):
-    path = write_video(tmp_path / "clip.mkv", frames)
+    path = write_video(tmp_path / "clip.mkv", frames, RATE)
     args = ["score", str(path), "--runtime", "eager", "--checkpoint", str(tiny_checkpoint), "--every-frame"]
     assert main([*args, "--json"]) == 0
     video = json.loads(capsys.readouterr().out)
