@@ -4,6 +4,8 @@ screenshots the README shows."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -169,6 +171,11 @@ def _wait(driver, condition, timeout: float = 120):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def rows_json(browser) -> dict[str, dict]:
+    """What the JSON download saves, by source."""
+    return {r["source"]: r for r in browser.execute_script("return results.map((r) => r.row)")}
+
+
 def test_the_page_in_a_real_browser(page, browser, files, scored):
     from selenium.webdriver.common.by import By
 
@@ -189,6 +196,12 @@ def test_the_page_in_a_real_browser(page, browser, files, scored):
     assert timeline.find_element(By.CSS_SELECTOR, "polyline").get_attribute("points").count(",") == 4
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOTS / "results.png"))
+    # what the download buttons save
+    table = list(csv.DictReader(io.StringIO(browser.execute_script("return toCsv()"))))
+    assert [r["source"] for r in table] == list(rows)
+    assert {r["source"]: r["error"] for r in table}["corrupt.png"] == scored["corrupt.png"]["error"]
+    (video,) = [r for r in table if r["kind"] == "video"]
+    assert json.loads(video["fake_periods"]) == rows_json(browser)["clip.mkv"]["fake_periods"]
 
     first = next(n for n in scored if scored[n]["error"] is None)
     rows[first].find_element(By.CSS_SELECTOR, ".evidence-button").click()
