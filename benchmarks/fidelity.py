@@ -62,11 +62,12 @@ def _module_runner(spec, module, tf32: bool) -> Runner:
     """
     import torch
 
+    from serving.runtimes import cuda_fp32
+
     device = next(module.parameters()).device
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+        with torch.inference_mode(), cuda_fp32(tf32):
             outs = module(*(torch.from_numpy(feeds[n]).to(device) for n in spec.input_names))
         outs = outs if isinstance(outs, tuple) else (outs,)
         return {n: t.cpu().numpy() for n, t in zip(spec.output_names, outs, strict=True)}

@@ -39,9 +39,11 @@ class UnsupportedError(ValueError):
     pass
 
 
-def check_supported(runtime: str, precision: str, device: str, plugin: bool = False) -> None:
+def check_supported(runtime: str, precision: str, device: str, plugin: bool = False, compile: bool = False) -> None:
     if plugin and runtime != "tensorrt":
         raise UnsupportedError("--trt-plugin: the fused-attention plugin is a TensorRT plugin; use --runtime tensorrt")
+    if compile and runtime != "torch":
+        raise UnsupportedError("--compile: torch.compile runs torch-runtime parts; use --runtime torch")
     if (runtime, precision) in UNSUPPORTED:
         raise UnsupportedError(f"--runtime {runtime} --precision {precision}: {UNSUPPORTED[runtime, precision]}")
     if precision not in TOLERANCES:
@@ -154,13 +156,14 @@ def export_repository(
     plugin: bool = False,
     device: str = "cpu",
     native_configs: bool = False,
+    compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> Manifest:
     """Export, validate and describe the parts of `model` under `out_dir`; returns the manifest.
 
     Writes `manifest.json` even when validation fails (with the failures in it), then raises ValidationError.
     """
-    check_supported(runtime, precision, device, plugin)
+    check_supported(runtime, precision, device, plugin, compile)
     if max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
     out_dir = Path(out_dir)
@@ -222,7 +225,8 @@ def export_repository(
             f"the {runtime} {precision} export in {out_dir} is beyond tolerance (see its manifest.json):\n  "
             + "\n  ".join(failures)
         )
-    write_repository(out_dir, manifest, native=native_configs, device="cuda" if device.startswith("cuda") else "cpu")
+    served_on = "cuda" if device.startswith("cuda") else "cpu"
+    write_repository(out_dir, manifest, native=native_configs, device=served_on, compile=compile)
     return manifest
 
 
@@ -240,6 +244,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--trt-plugin",
         action="store_true",
         help="TensorRT: D³AT attention through the fused-kernel plugin (export/tensorrt_plugin.py)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch runtime: the served parts run through torch.compile (Inductor; CUDA graphs on a GPU), "
+        "each batch padded to a power of two",
     )
     p.add_argument(
         "--native-configs",
@@ -269,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             plugin=args.trt_plugin,
             device=args.device,
             native_configs=args.native_configs,
+            compile=args.compile,
             log=log,
         )
     except ValidationError as e:

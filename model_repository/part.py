@@ -28,7 +28,7 @@ class TritonPythonModel:
         self.part = params.part
         device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
         repository = Path(args["model_repository"]).parent
-        self.runner = load_part(repository, self.part, device, threads=params.intra_op_threads)
+        self.runner = load_part(repository, self.part, device, params.intra_op_threads, params.compile)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 

@@ -16,15 +16,19 @@ def _strings(config: dict) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class PartParameters:
-    """`model_repository/part.py`: which exported part it hosts, and its CPU threads (None: the runtime's default)."""
+    """`model_repository/part.py`: which exported part it hosts, its CPU threads (None: the runtime's default),
+    and whether a torch-runtime part runs compiled (`serving.runtimes.TorchRunner`)."""
 
     part: str
     intra_op_threads: int | None = None
+    compile: bool = False
 
     def to_parameters(self) -> dict[str, str]:
         params = {"part": self.part}
         if self.intra_op_threads is not None:
             params["intra_op_threads"] = str(self.intra_op_threads)
+        if self.compile:
+            params["compile"] = "true"
         return params
 
     @classmethod
@@ -33,7 +37,7 @@ class PartParameters:
         if "part" not in params:
             raise ValueError(f"model {config.get('name')!r}: its config has no 'part' parameter")
         threads = params.get("intra_op_threads")
-        return cls(params["part"], int(threads) if threads else None)
+        return cls(params["part"], int(threads) if threads else None, params.get("compile") == "true")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,14 @@ def _parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
 
 
 def part_config(
-    name: str, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
+    name: str,
+    entry: PartEntry,
+    *,
+    device: str,
+    instances: int,
+    threads: int,
+    queue_delay_us: int,
+    compile: bool = False,
 ) -> mc.ModelConfig:
     """The python-backend model hosting one exported part (`entry`: the part's manifest record)."""
     config = mc.ModelConfig(name=name, backend="python")
@@ -104,7 +111,7 @@ def part_config(
     _add_tensors(config.input, entry.inputs)
     _add_tensors(config.output, entry.outputs)
     _instances(config, device, instances)
-    _parameters(config, PartParameters(name, threads).to_parameters())
+    _parameters(config, PartParameters(name, threads, compile).to_parameters())
     if device == "cuda":  # a GPU step's output reaches the next GPU step as it is (DLPack), not via the host
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     warmup = config.model_warmup.add(name="zeros", batch_size=1)
@@ -276,13 +283,14 @@ def write_repository(
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
     admitted_batches: int = DEFAULT_ADMITTED_BATCHES,
+    compile: bool = False,
 ) -> list[Path]:
     """Write every config, python model, ensemble and gate for the parts `manifest` describes; returns the files.
 
     `device` ("cpu" or "cuda") is where the parts run, `instances` of each; `threads` is the
     intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
     `max_queue_size`, `queue_timeout_s` and `admitted_batches` are each gate's overload policy
-    (`admission_config`).
+    (`admission_config`). `compile`: the torch-runtime parts run compiled (`serving.runtimes.TorchRunner`).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -294,8 +302,11 @@ def write_repository(
     max_batch = min(e.max_batch for e in entries.values())
     options = {"device": device, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us}
     written = []
+    if compile and (eager := sorted(p for p, e in entries.items() if e.runtime != "torch")):
+        raise ValueError(f"compile applies to torch-runtime parts; {', '.join(eager)} are not")
     for part, entry in entries.items():
-        written.append(_write_config(out_dir / part / "config.pbtxt", part_config(part, entry, **options)))
+        config = part_config(part, entry, **options, compile=compile)
+        written.append(_write_config(out_dir / part / "config.pbtxt", config))
         written.append(_install_model("part", out_dir / part))
         native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
         if native and entry.runtime in NATIVE_PLATFORMS:

@@ -9,7 +9,8 @@ that on a GPU the Triton models hand tensors from part to part without a trip th
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,19 @@ import torch
 from serving.manifest import Manifest, PartEntry
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def cuda_fp32(tf32: bool = False) -> Iterator[None]:
+    """fp32 CUDA convolutions and matmuls as IEEE fp32 within the block (torch lets cuDNN convolutions use
+    TF32, a 10-bit mantissa, by default), or as TF32 where `tf32`. No effect on a CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def _numpy_type(tensor: torch.Tensor) -> type:
@@ -78,8 +92,13 @@ class PartRunner:
         raise NotImplementedError
 
 
+class MissingProviderError(RuntimeError):
+    """A GPU was asked for and the installed runtime cannot use one: an error, never a silent CPU run."""
+
+
 class OnnxRuntimeRunner(PartRunner):
-    """An ONNX Runtime session: the CUDA execution provider on a `cuda` device when installed, else CPU.
+    """An ONNX Runtime session: the CUDA execution provider on a `cuda` device (MissingProviderError when the
+    installed onnxruntime has none), the CPU one on `cpu`.
 
     Inputs and outputs are bound to torch tensors' memory (I/O binding), the same way on CPU and CUDA: on
     CUDA nothing goes through host memory.
@@ -93,12 +112,17 @@ class OnnxRuntimeRunner(PartRunner):
         super().__init__(part, entry)
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
-            if "CUDAExecutionProvider" in ort.get_available_providers():
-                device_id = int(device.partition(":")[2] or 0)
-                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
-                self.device = torch.device("cuda", device_id)
-            else:
-                warnings.warn(f"{part}: onnxruntime has no CUDA execution provider here; running on CPU", stacklevel=2)
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise MissingProviderError(
+                    f"{part}: asked to run on {device}, but the installed onnxruntime has no CUDA execution provider "
+                    f"(it has {ort.get_available_providers()}): pip install onnxruntime-gpu in place of onnxruntime, "
+                    "or run this part on cpu"
+                )
+            device_id = int(device.partition(":")[2] or 0)
+            # Its convolutions and matmuls default to TF32 on Ampere and later: fp32 artifacts stay fp32.
+            cuda = {"device_id": device_id, "use_tf32": 0 if entry.precision == "fp32" else 1}
+            providers.insert(0, ("CUDAExecutionProvider", cuda))
+            self.device = torch.device("cuda", device_id)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # 15 % faster VQ than BASIC
         if threads:
@@ -125,11 +149,31 @@ class OnnxRuntimeRunner(PartRunner):
         return outputs
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes a compiled part runs at: powers of two below `max_batch`, and `max_batch`."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
+
+
 class TorchRunner(PartRunner):
-    """The part's eager module (`d3qe.parts`), built on the meta device and filled from `model.safetensors`."""
+    """The part's eager module (`d3qe.parts`), built on the meta device and filled from `model.safetensors`.
+
+    `compile`: the module through `torch.compile` (Inductor; on CUDA with CUDA graphs, mode
+    "reduce-overhead"), each batch padded up to one of a few fixed sizes (`batch_buckets`), so that
+    a shape is compiled, and captured, once.
+    """
 
     def __init__(
-        self, part: str, manifest: Manifest, path: Path, device: str = "cpu", threads: int | None = None
+        self,
+        part: str,
+        manifest: Manifest,
+        path: Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         import safetensors.torch
 
@@ -156,12 +200,26 @@ class TorchRunner(PartRunner):
             owner, _, attr = name.rpartition(".")
             module.get_submodule(owner).register_buffer(attr, tensors[name], persistent=False)
         self.module = module.eval()
+        self.buckets: tuple[int, ...] = ()
+        if compile:
+            self.buckets = batch_buckets(self.max_batch)
+            # one graph per bucket: more than dynamo's default 8 recompilations of one frame
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.buckets) + 1)
+            graphs = self.device.type == "cuda"
+            self.module = torch.compile(module, mode="reduce-overhead" if graphs else "default", dynamic=False)
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         args = [feeds[n].to(self.device) for n in self.input_names]
-        with torch.inference_mode():
+        batch = len(args[0])
+        if self.buckets:
+            size = next(b for b in self.buckets if b >= batch)  # check() held batch to max_batch
+            args = [torch.cat([a, a[-1:].expand(size - batch, *a.shape[1:])]) if size > batch else a for a in args]
+            torch.compiler.cudagraph_mark_step_begin()  # a new call: the previous one's outputs are ours now
+        with torch.inference_mode(), cuda_fp32():  # fp32 parts held to fp32 on a GPU too
             outs = self.module(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
+        if self.buckets:  # CUDA graphs reuse their output memory on the next call: copies, unpadded
+            outs = tuple(o[:batch].clone() for o in outs)
         return dict(zip(self.output_names, outs, strict=True))
 
 
@@ -196,6 +254,8 @@ class TensorRTRunner(PartRunner):
             outputs[name] = torch.empty(shape, dtype=self.torch_dtypes[name], device=self.device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the input copies
+        for tensor in (*inputs.values(), *outputs.values()):  # allocated on the current stream, used on ours
+            tensor.record_stream(self.stream)
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"{self.part}: TensorRT execution failed")
         self.stream.synchronize()
@@ -203,28 +263,41 @@ class TensorRTRunner(PartRunner):
 
 
 def runner_for(
-    repo_dir: Path, manifest: Manifest, part: str, device: str = "cpu", threads: int | None = None
+    repo_dir: Path,
+    manifest: Manifest,
+    part: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    compile: bool = False,
 ) -> PartRunner:
-    """The runner of `part` as `manifest` describes it, unchecked: the export validates its artifacts through this."""
+    """The runner of `part` as `manifest` describes it, unchecked: the export validates its artifacts through this.
+
+    `compile` (torch runtime only): `TorchRunner` compiled with Inductor.
+    """
     entry = manifest.parts[part]
     path = Path(repo_dir) / entry.file
     if not path.is_file():
         raise FileNotFoundError(f"{part}: artifact {path} named in the manifest is missing")
+    if compile and entry.runtime != "torch":
+        raise ValueError(f"{part}: compile applies to the torch runtime; this part is exported for {entry.runtime}")
     if entry.runtime == "onnxruntime":
         return OnnxRuntimeRunner(part, entry, path, device, threads)
     if entry.runtime == "torch":
-        return TorchRunner(part, manifest, path, device, threads)
+        return TorchRunner(part, manifest, path, device, threads, compile)
     if entry.runtime == "tensorrt":
         return TensorRTRunner(part, entry, path, device)
     raise ValueError(f"{part}: unknown runtime {entry.runtime!r} in the manifest")
 
 
-def load_part(repo_dir: Path, part: str, device: str = "cpu", threads: int | None = None) -> PartRunner:
+def load_part(
+    repo_dir: Path, part: str, device: str = "cpu", threads: int | None = None, compile: bool = False
+) -> PartRunner:
     """The runner of one exported part of the repository at `repo_dir`, its artifact checked first
     (`Manifest.artifact`: validated at export, and the very file validated).
 
     `threads`: intra-op threads on CPU (ONNX Runtime, torch); None leaves the runtime's default.
+    `compile`: a torch-runtime part compiled with Inductor (`TorchRunner`).
     """
     manifest = Manifest.read(Path(repo_dir))
     manifest.artifact(Path(repo_dir), part)
-    return runner_for(Path(repo_dir), manifest, part, device, threads)
+    return runner_for(Path(repo_dir), manifest, part, device, threads, compile)

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import tritonclient.grpc.model_config_pb2 as mc
+from google.protobuf import json_format, text_format
 
 import d3qe
 from cli.main import main
@@ -21,7 +23,9 @@ from export.onnx_export import export_onnx
 from export.quantize import nodes_in_scopes, quantize_int8
 from export.validate import TOLERANCES, ValidationError
 from serving.manifest import Manifest, ManifestError, sha256_file
-from serving.runtimes import OnnxRuntimeRunner, load_part
+from serving.model_params import PartParameters
+from serving.repository import write_repository
+from serving.runtimes import MissingProviderError, OnnxRuntimeRunner, load_part
 from tests.helpers import LOGIT_TOL
 
 
@@ -187,6 +191,21 @@ def test_runners_keep_tensors_on_the_gpu(onnx_repo, expected):
     np.testing.assert_allclose(out["LOGIT"].cpu().numpy(), expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
 
 
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="onnxruntime-gpu is installed: it runs there"
+)
+def test_onnx_runtime_without_its_cuda_provider_refuses_a_gpu(onnx_repo):
+    with pytest.raises(MissingProviderError, match=r"clip_visual: asked to run on cuda:0.*pip install onnxruntime-gpu"):
+        load_part(onnx_repo, "clip_visual", "cuda:0")
+
+
+def test_only_torch_runtime_parts_compile(onnx_repo, tmp_path):
+    with pytest.raises(ValueError, match="d3qe_head: compile applies to the torch runtime"):
+        load_part(onnx_repo, "d3qe_head", compile=True)
+    with pytest.raises(ValueError, match="compile applies to torch-runtime parts; clip_visual, d3qe_head, evidence"):
+        write_repository(tmp_path, Manifest.read(onnx_repo), compile=True)
+
+
 def test_int8_quantises_only_clips_transformer(onnx_repo, onnx_runners, expected, fixture_pixels, tmp_path):
     """int8 touches MatMul/Gemm inside CLIP's visual tower only; code indices and the head stay fp32."""
     specs = part_specs(d3qe.PRESETS["tiny"])
@@ -218,6 +237,17 @@ def test_torch_runtime_rebuilds_parts_from_safetensors(tiny_checkpoint, expected
     out = run_chain({part: load_part(tmp_path, part) for part in PART_NAMES}, expected["x"])
     np.testing.assert_array_equal(out["INDICES"], expected["x_indices"])
     np.testing.assert_allclose(out["LOGIT"], expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
+
+    # compiled (Inductor, here on the CPU; CUDA graphs on a GPU), batches padded to a bucket: as eager
+    head = load_part(tmp_path, "d3qe_head", compile=True)
+    assert head.buckets == (1, 2, 4, 8)
+    for batch in (3, 1):  # 3 runs padded to 4
+        got = head({n: out[n][:batch] for n in head.input_names})
+        assert got["LOGIT"].shape == (batch, 1)
+        np.testing.assert_allclose(got["LOGIT"], out["LOGIT"][:batch], rtol=0, atol=1e-5)
+    write_repository(tmp_path, manifest, compile=True)  # what `d3qe export --runtime torch --compile` serves
+    config = text_format.Parse((tmp_path / "d3qe_head" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert PartParameters.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True)).compile
 
 
 def test_export_beyond_tolerance_fails_loudly(tiny_checkpoint, tmp_path, monkeypatch):
