@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv browser test lint demo bench fidelity bench-gpu clean
+.PHONY: venv browser test lint demo bench fidelity gpu-carry bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -42,9 +42,15 @@ fidelity: venv
 	$(BIN)/d3qe fidelity --repo build/model_repository build/model_repository_int8 --torch bf16 fp16 \
 		--server --server-limit 64
 
-# `d3qe bench`'s GPU profile, for a machine with an NVIDIA GPU.
-bench-gpu: venv
-	bash benchmarks/gpu_profile.sh
+# What the GPU machine lacks (open_clip, tritonclient, the Triton server, numpy<2), from PyPI, repacked to travel
+# beside the tree in one device run: build/gpu-carry/ (needs the network; prints its size, fails above 60 MiB).
+gpu-carry: venv
+	$(BIN)/python -m benchmarks.gpu_carry build
+
+# The GPU run, on the GPU machine (no network, no venv): installs build/gpu-carry under /tmp, then validates and
+# measures stage by stage into $$OUT (benchmarks/gpu_run.py; `bash benchmarks/gpu_run.sh --smoke` runs it on a CPU).
+bench-gpu:
+	bash benchmarks/gpu_run.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import RESULTS, results_dir
-from client.grpc_client import DEFAULT_MODEL, AsyncD3QEClient, RetryPolicy
+from client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
 from client.results import DEFAULT_THRESHOLD
 from serving.host import machine, machine_slug, tool_versions
 from serving.inprocess import add_weight_arguments
@@ -156,12 +156,13 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
     return row, logits
 
 
-def bench_parts(repo: Path, images: list[bytes], profile: Profile) -> tuple[Row, np.ndarray]:
-    """The exported parts chained in-process, as the Triton python-backend models run them."""
+def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool = False) -> tuple[Row, np.ndarray]:
+    """The exported parts chained in-process, as the Triton python-backend models run them; `compile`: torch-runtime
+    parts through torch.compile (CUDA graphs on a GPU), as `d3qe export --compile` serves them."""
     from serving.runtimes import load_part
 
     manifest = Manifest.read(repo)
-    runners = {p: load_part(repo, p, profile.device) for p in manifest.parts}
+    runners = {p: load_part(repo, p, profile.device, compile=compile) for p in manifest.parts}
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         feeds = {"PIXELS": pixels}
@@ -169,10 +170,13 @@ def bench_parts(repo: Path, images: list[bytes], profile: Profile) -> tuple[Row,
         return runners["d3qe_head"](feats)["LOGIT"]
 
     runtime, precision = manifest.describe()
+    if compile:
+        runtime += " compiled"
     desc = f"{repo.name}: {runtime} {precision}"
     seconds, lat, logits = _timed_batches(images, profile.runtime_batch, profile.warmup, forward, desc)
     batch = f"batch {profile.runtime_batch}"
-    return Row(f"in-process {repo.name}", runtime, precision, batch, len(images), seconds, lat), logits
+    name = f"in-process {repo.name}" + (" (compiled)" if compile else "")
+    return Row(name, runtime, precision, batch, len(images), seconds, lat), logits
 
 
 def eager_reference(args: argparse.Namespace) -> dict:
@@ -197,21 +201,27 @@ def eager_reference(args: argparse.Namespace) -> dict:
 async def bench_server_level(
     url: str, model: str, images: list[bytes], clients: int, requests: int, warmup: int, timeout: float, repo: Path
 ) -> tuple[Row, np.ndarray]:
-    """`clients` concurrent callers, each sending one image per request until `requests` are done."""
+    """`clients` concurrent callers, each sending one image per request until `requests` are done. A model that
+    takes decoded pixels (`d3qe_rgb`) gets each image decoded here, before the clock starts."""
     logits = np.full(len(images), np.nan)
     latencies: list[float] = []
     next_request = iter(range(requests))
-    bar = tqdm(total=requests, desc=f"triton gRPC ×{clients}", unit="req", file=sys.stderr)
+    bar = tqdm(total=requests, desc=f"triton gRPC {model} ×{clients}", unit="req", file=sys.stderr)
     async with AsyncD3QEClient(url, model, concurrency=clients, timeout=timeout, retry=RetryPolicy(attempts=3)) as c:
-        await c.wait_until_ready(timeout)
+        info = await c.wait_until_ready(timeout)
+        payloads: list[bytes] | list[np.ndarray] = images
+        if info.input == RGB:
+            from PIL import Image
+
+            payloads = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
         for i in range(warmup):
-            await c.score_batch([(f"warmup{i}", images[i % len(images)])])
+            await c.score_batch([(f"warmup{i}", payloads[i % len(images)])])
 
         async def caller() -> None:
             for i in next_request:
                 j = i % len(images)
                 t0 = time.perf_counter()
-                (result,) = await c.score_batch([(f"image{j}", images[j])])
+                (result,) = await c.score_batch([(f"image{j}", payloads[j])])
                 latencies.append(1000 * (time.perf_counter() - t0))
                 if result.ok:
                     logits[j] = result.logit
@@ -222,10 +232,9 @@ async def bench_server_level(
         seconds = time.perf_counter() - start
     bar.close()
     runtime, precision = Manifest.read(repo).describe()
-    policy = "1 image/request, dynamic batching"
-    return Row(
-        f"triton gRPC, {clients} clients", f"triton + {runtime}", precision, policy, requests, seconds, latencies
-    ), logits
+    policy = f"1 image/request ({info.input}), dynamic batching"
+    name = "triton gRPC" + ("" if model == DEFAULT_MODEL else f" {model}") + f", {clients} clients"
+    return Row(name, f"triton + {runtime}", precision, policy, requests, seconds, latencies), logits
 
 
 def server_policy(url: str, repo: Path) -> dict:
@@ -345,12 +354,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="exported repositories (d3qe export --out): each runs in-process; the first is served",
     )
     p.add_argument("--url", help="bench this running server instead of starting one on the first --repo")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[DEFAULT_MODEL],
+        help="served models, each at every client count: d3qe takes encoded images, d3qe_rgb decoded pixels",
+    )
     add_weight_arguments(p, role="eager reference, as exported: ")
     p.add_argument("--images", type=int, help="override the profile's image count")
     p.add_argument("--concurrency", type=int, nargs="+", help="override the profile's client counts")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-server", dest="server", action="store_false", help="skip the served measurements")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="in-process: torch-runtime parts through torch.compile (CUDA graphs on a GPU), as `export --compile` "
+        "serves them",
+    )
     p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS}/<machine>-<date>)")
 
 
@@ -385,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
     rows = [eager_row]
     for repo in args.repo:
-        row, logits = bench_parts(repo, images, profile)
+        row, logits = bench_parts(repo, images, profile, args.compile)
         row.compare(logits, eager_logits, threshold)
         rows.append(row)
     policy: dict = {}
@@ -394,15 +414,16 @@ def run(args: argparse.Namespace) -> int:
 
         with served(args.url, args.repo[0]) as (url, _):
             policy = server_policy(url, args.repo[0])
-            for clients in profile.concurrency:
-                requests = max(profile.min_requests, clients)
-                row, logits = asyncio.run(
-                    bench_server_level(
-                        url, args.model, images, clients, requests, profile.warmup, args.timeout, args.repo[0]
+            for model_name in args.model:
+                for clients in profile.concurrency:
+                    requests = max(profile.min_requests, clients)
+                    row, logits = asyncio.run(
+                        bench_server_level(
+                            url, model_name, images, clients, requests, profile.warmup, args.timeout, args.repo[0]
+                        )
                     )
-                )
-                row.compare(logits, eager_logits, threshold)
-                rows.append(row)
+                    row.compare(logits, eager_logits, threshold)
+                    rows.append(row)
     eager_ips = eager_row.images_per_s
     report = {
         "title": f"d3qe bench on {machine_slug(info)}, {date}",
@@ -413,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
         "images": profile.images,
         "profile": asdict(profile),
         "repositories": [str(r) for r in args.repo],
+        "served_models": args.model if policy else [],
+        "compiled_in_process": args.compile,
         "server_batch_policy": policy,
         "rows": [r.summary(eager_ips) for r in rows],
     }

@@ -235,8 +235,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="*",
         default=[],
         metavar="PRECISION[:N]",
-        help="the eager model's parts in these precisions: fp16, bf16, tf32 (CUDA only); ':N' runs an evenly "
-        "spread subset of N images (fp16 is slow on CPUs)",
+        help="the eager model's parts in these precisions on --device: fp32 (on CUDA held to fp32, the strict "
+        "parity check), fp16, bf16, tf32 (CUDA only); ':N' runs an evenly spread subset of N images (fp16 is slow "
+        "on CPUs)",
     )
     p.add_argument("--server", action="store_true", help="also score through a server on the first --repo")
     p.add_argument("--url", help="score through this running server instead of starting one")
@@ -346,8 +347,8 @@ def run(args: argparse.Namespace) -> int:
     configs = [repo_config(repo, args.device) for repo in args.repo]
     for spec in args.torch:
         precision, _, limit = spec.partition(":")
-        if precision not in ("fp16", "bf16", "tf32"):
-            print(f"d3qe fidelity: --torch {spec}: the precisions are fp16, bf16 and tf32", file=sys.stderr)
+        if precision not in ("fp32", "fp16", "bf16", "tf32"):
+            print(f"d3qe fidelity: --torch {spec}: the precisions are fp32, fp16, bf16 and tf32", file=sys.stderr)
             return 2
         if precision != "tf32" or _cuda(args.device):
             configs.append(eager_config(model, precision, args.device))

@@ -79,8 +79,11 @@ def tool_versions(*, commit: bool = False) -> dict[str, str | None]:
             continue
     if commit:
         here = Path(__file__).resolve().parent
-        git = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=False
-        )
-        versions["d3qe-serve commit"] = git.stdout.strip() or None
+        try:
+            git = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=False
+            ).stdout
+        except OSError:  # no git on the machine (the GPU machine's image may lack it): no commit to name
+            git = ""
+        versions["d3qe-serve commit"] = git.strip() or None
     return versions
