@@ -16,7 +16,7 @@ from dataclasses import dataclass
 class Command:
     module: str  # holds add_arguments(parser[, in_process]) and run(args[, in_process])
     help: str
-    in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER) beside the server
+    in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER, EXPORTED) beside the server
 
 
 COMMANDS = {
@@ -26,6 +26,7 @@ COMMANDS = {
     ),
     "export": Command("export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts"),
     "serve": Command("serving.server", "run the Triton server on an exported model repository (foreground, loopback)"),
+    "bulk": Command("cli.bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset"),
     "demo": Command("cli.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
     "bench": Command("benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton"),
     "fidelity": Command(
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(command.module)
     extra = {}
     if command.in_process:
-        from serving.inprocess import EAGER
+        from serving.inprocess import EAGER, EXPORTED
 
-        extra["in_process"] = [EAGER]
+        extra["in_process"] = [EAGER, EXPORTED]
     module.add_arguments(parsers[chosen], **extra)
     args = parser.parse_args(argv)
     return module.run(args, **extra)

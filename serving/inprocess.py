@@ -1,8 +1,10 @@
 """The model in this process: the options that choose its weights, building it, and scoring with it.
 
-`EAGER` is the in-process runtime the CLI hands to `d3qe score` and `d3qe eval` (`--runtime eager`);
-`d3qe export`, `d3qe demo` and the benchmarks build their detector with `detector_from_args`. Torch and
-the model are imported only when a detector is built, so that adding these options costs no start-up time.
+`EAGER` and `EXPORTED` are the in-process runtimes the CLI hands to `d3qe score` and `d3qe eval`
+(`--runtime eager`: the eager model; `--runtime exported --repo DIR`: an export's parts chained here,
+as `d3qe bulk`'s actors run them); `d3qe export`, `d3qe demo` and the benchmarks build their detector with
+`detector_from_args`. Torch and the model are imported only when a runtime is opened, so that adding
+these options costs no start-up time.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.results import DEFAULT_THRESHOLD, InProcessRuntime, Item, Scorer, ScoreResult
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from d3qe import D3QE
+    from serving.runtimes import PartRunner
 
 
 def add_weight_arguments(p: argparse.ArgumentParser, role: str = "") -> None:
@@ -47,18 +52,17 @@ def detector_from_args(args: argparse.Namespace) -> D3QE:
     )
 
 
-def score_eager(
-    model: torch.nn.Module, items: Iterable[Item], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
+def _score_in_batches(
+    items: Iterable[Item], forward: Callable[[torch.Tensor], list[float]], threshold: float, batch_size: int
 ) -> Iterator[ScoreResult]:
-    """Preprocess and score (source, bytes or path) pairs in batches; an image that fails to load is reported
-    and its batch goes on."""
+    """Preprocess (source, image) pairs and score them `batch_size` at a time with `forward` (pixels → logits);
+    an image that fails to load is reported and its batch goes on."""
     import torch
 
     from d3qe import ImageError, preprocess
 
     def run(batch: list[tuple[str, torch.Tensor]]) -> Iterator[ScoreResult]:
-        with torch.inference_mode():
-            logits = model(torch.stack([t for _, t in batch])).squeeze(1).tolist()
+        logits = forward(torch.stack([t for _, t in batch]))
         for (source, _), logit in zip(batch, logits, strict=True):
             yield ScoreResult.from_logit(source, logit, threshold)
 
@@ -76,6 +80,55 @@ def score_eager(
         yield from run(batch)
 
 
+def score_eager(
+    model: torch.nn.Module, items: Iterable[Item], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
+) -> Iterator[ScoreResult]:
+    """Preprocess and score (source, bytes or path) pairs in batches; an image that fails to load is reported
+    and its batch goes on."""
+    import torch
+
+    def forward(pixels: torch.Tensor) -> list[float]:
+        with torch.inference_mode():
+            return model(pixels).squeeze(1).tolist()
+
+    return _score_in_batches(items, forward, threshold, batch_size)
+
+
+def load_exported(repo: Path, device: str = "cpu", threads: int | None = None) -> dict[str, PartRunner]:
+    """The runners of the parts the scoring ensemble chains (`d3qe.parts.PART_NAMES`), each artifact checked
+    against the manifest (`serving.runtimes.load_part`)."""
+    from d3qe.parts import PART_NAMES
+    from serving.runtimes import load_part
+
+    return {part: load_part(Path(repo), part, device, threads) for part in PART_NAMES}
+
+
+def run_parts(runners: Mapping[str, PartRunner], pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """PIXELS through vq_encoder and clip_visual into d3qe_head, as the ensemble wires them: every tensor."""
+    from d3qe.parts import PART_NAMES
+
+    tensors = {"PIXELS": pixels}
+    for part in PART_NAMES:
+        tensors.update(runners[part]({n: tensors[n] for n in runners[part].input_names}))
+    return tensors
+
+
+def score_exported(
+    runners: Mapping[str, PartRunner],
+    items: Iterable[Item],
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 8,
+) -> Iterator[ScoreResult]:
+    """`score_eager` with an export's parts (`load_exported`) in place of the eager model: forward passes of
+    `batch_size` images, fewer where the export takes fewer (its max batch)."""
+    size = min(batch_size, *(r.max_batch for r in runners.values()))
+
+    def forward(pixels: torch.Tensor) -> list[float]:
+        return run_parts(runners, pixels.numpy())["LOGIT"].reshape(-1).tolist()
+
+    return _score_in_batches(items, forward, threshold, size)
+
+
 @contextlib.contextmanager
 def _open_eager(args: argparse.Namespace) -> Iterator[Scorer]:
     if importlib.util.find_spec("torch") is None:
@@ -89,4 +142,32 @@ EAGER = InProcessRuntime(
     "the eager PyTorch model in this process (needs the [model] extra)",
     lambda p: add_weight_arguments(p, role="eager: "),
     _open_eager,
+)
+
+
+def _add_exported_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", type=Path, help="exported: the repository `d3qe export` wrote (default: its --out)")
+    p.add_argument("--device", default="cpu", help="exported: cpu, or cuda[:N] (ONNX Runtime CUDA provider, TensorRT)")
+    p.add_argument("--threads", type=int, help="exported: intra-op threads (default: the runtime's own)")
+
+
+@contextlib.contextmanager
+def _open_exported(args: argparse.Namespace) -> Iterator[Scorer]:
+    if any(importlib.util.find_spec(m) is None for m in ("torch", "onnxruntime")):
+        raise SystemExit("d3qe: --runtime exported runs the exported parts here: pip install 'd3qe-serve[serve]'")
+    from serving.manifest import ManifestError
+    from serving.server import DEFAULT_REPOSITORY
+
+    try:
+        runners = load_exported(args.repo or DEFAULT_REPOSITORY, args.device, args.threads)
+    except (OSError, KeyError, ManifestError) as e:  # no export there, a part missing, an artifact altered
+        raise SystemExit(f"d3qe: --runtime exported: {e}") from e
+    yield lambda items: score_exported(runners, items, args.threshold, args.batch_size)
+
+
+EXPORTED = InProcessRuntime(
+    "exported",
+    "an exported repository's parts chained in this process (--repo; needs the [serve] extra)",
+    _add_exported_arguments,
+    _open_exported,
 )

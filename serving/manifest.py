@@ -138,9 +138,23 @@ class Manifest:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    def text(self) -> str:
+        """The manifest as `write` writes it."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+    @property
+    def id(self) -> str:
+        """The export's identity: sha256 of `text()`, i.e. `sha256sum manifest.json` of an export as written.
+
+        It covers every artifact's sha256, the weights' checksums and the validation, so a score recorded
+        with it names the very model that computed it (`d3qe bulk` writes it into every row; the served
+        gates carry it as their `manifest_id` parameter).
+        """
+        return hashlib.sha256(self.text().encode()).hexdigest()
+
     def write(self, out_dir: Path) -> Path:
         path = Path(out_dir) / MANIFEST
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        path.write_text(self.text())
         return path
 
     @classmethod
