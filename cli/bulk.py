@@ -111,6 +111,8 @@ class Served:
         the server's readiness and interface are checked first."""
         import tritonclient.grpc as grpcclient
 
+        from serving.model_params import GateParameters
+
         with D3QEClient(self.url, self.model) as client:
             try:
                 client.wait_until_ready(timeout=self.ready_timeout)
@@ -118,7 +120,10 @@ class Served:
                 raise BulkError(str(e)) from e
         with grpcclient.InferenceServerClient(self.url) as triton:
             config = triton.get_model_config(self.model, as_json=True).get("config", {})
-        return config.get("parameters", {}).get("manifest_id", {}).get("string_value")
+        try:
+            return GateParameters.from_config(config).manifest_id
+        except ValueError:  # not one of our gates (an ensemble, another server's model): it does not say
+            return None
 
     def scorer(self, threshold: float, batch_size: int) -> Scorer:
         client = D3QEClient(

@@ -42,19 +42,24 @@ class PartParameters:
 
 @dataclass(frozen=True)
 class GateParameters:
-    """`model_repository/admission.py`: the ensemble a gate admits requests to."""
+    """`model_repository/admission.py`: the ensemble a gate admits requests to; and the id of the export
+    answering (`serving.manifest.Manifest.id`), for clients to record with their scores (`d3qe bulk --url`)."""
 
     ensemble: str
+    manifest_id: str | None = None
 
     def to_parameters(self) -> dict[str, str]:
-        return {"ensemble": self.ensemble}
+        params = {"ensemble": self.ensemble}
+        if self.manifest_id is not None:
+            params["manifest_id"] = self.manifest_id
+        return params
 
     @classmethod
     def from_config(cls, config: dict) -> GateParameters:
         params = _strings(config)
         if "ensemble" not in params:
             raise ValueError(f"model {config.get('name')!r}: its config has no 'ensemble' parameter")
-        return cls(params["ensemble"])
+        return cls(params["ensemble"], params.get("manifest_id"))
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,13 @@ def ensemble_config(entrance: Entrance, entries: dict[str, PartEntry], max_batch
 
 
 def admission_config(
-    name: str, ensemble: mc.ModelConfig, *, max_queue_size: int, queue_timeout_s: float, batches: int
+    name: str,
+    ensemble: mc.ModelConfig,
+    *,
+    max_queue_size: int,
+    queue_timeout_s: float,
+    batches: int,
+    manifest_id: str | None = None,
 ) -> mc.ModelConfig:
     """The gate in front of `ensemble`: same tensors; its dynamic batcher's queue policy refuses the excess.
 
@@ -244,7 +250,7 @@ def admission_config(
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may ask to be refused sooner, never later
     _instances(config, "cpu", batches)
-    _parameters(config, GateParameters(ensemble.name).to_parameters())
+    _parameters(config, GateParameters(ensemble.name, manifest_id).to_parameters())
     return config
 
 
@@ -332,8 +338,7 @@ def write_repository(
         ensemble = ensemble_config(entrance, entries, max_batch)
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
-        gate = admission_config(entrance.gate, ensemble, **policy)
-        _parameters(gate, {"manifest_id": manifest.id})  # the export answering, for clients to record
+        gate = admission_config(entrance.gate, ensemble, manifest_id=manifest.id, **policy)
         written.append(_write_config(out_dir / entrance.gate / "config.pbtxt", gate))
         written.append(_install_model("admission", out_dir / entrance.gate))
     return written
