@@ -159,15 +159,13 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
 def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool = False) -> tuple[Row, np.ndarray]:
     """The exported parts chained in-process, as the Triton python-backend models run them; `compile`: torch-runtime
     parts through torch.compile (CUDA graphs on a GPU), as `d3qe export --compile` serves them."""
-    from serving.runtimes import load_part
+    from serving.inprocess import load_exported, run_parts
 
     manifest = Manifest.read(repo)
-    runners = {p: load_part(repo, p, profile.device, compile=compile) for p in manifest.parts}
+    runners = load_exported(repo, profile.device, compile=compile)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        feeds = {"PIXELS": pixels}
-        feats = {**runners["vq_encoder"](feeds), **runners["clip_visual"](feeds)}
-        return runners["d3qe_head"](feats)["LOGIT"]
+        return run_parts(runners, pixels)["LOGIT"]
 
     runtime, precision = manifest.describe()
     if compile:

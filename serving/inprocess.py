@@ -94,13 +94,15 @@ def score_eager(
     return _score_in_batches(items, forward, threshold, batch_size)
 
 
-def load_exported(repo: Path, device: str = "cpu", threads: int | None = None) -> dict[str, PartRunner]:
+def load_exported(
+    repo: Path, device: str = "cpu", threads: int | None = None, compile: bool = False
+) -> dict[str, PartRunner]:
     """The runners of the parts the scoring ensemble chains (`d3qe.parts.PART_NAMES`), each artifact checked
-    against the manifest (`serving.runtimes.load_part`)."""
+    against the manifest (`serving.runtimes.load_part`; `compile`: torch-runtime parts compiled)."""
     from d3qe.parts import PART_NAMES
     from serving.runtimes import load_part
 
-    return {part: load_part(Path(repo), part, device, threads) for part in PART_NAMES}
+    return {part: load_part(Path(repo), part, device, threads, compile) for part in PART_NAMES}
 
 
 def run_parts(runners: Mapping[str, PartRunner], pixels: np.ndarray) -> dict[str, np.ndarray]:

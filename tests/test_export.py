@@ -22,19 +22,12 @@ from export.driver import export_repository
 from export.onnx_export import export_onnx
 from export.quantize import nodes_in_scopes, quantize_int8
 from export.validate import TOLERANCES, ValidationError
+from serving.inprocess import run_parts
 from serving.manifest import Manifest, ManifestError, sha256_file
 from serving.model_params import PartParameters
 from serving.repository import write_repository
 from serving.runtimes import MissingProviderError, OnnxRuntimeRunner, load_part
 from tests.helpers import LOGIT_TOL
-
-
-def run_chain(runners: dict, pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """PIXELS through vq_encoder and clip_visual into d3qe_head, as the ensemble wires them."""
-    tensors = {"PIXELS": pixels}
-    for part in PART_NAMES:
-        tensors.update(runners[part]({n: tensors[n] for n in runners[part].input_names}))
-    return tensors
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +117,7 @@ def test_onnx_graphs_have_declared_io_and_dynamic_batch(onnx_repo):
 
 def test_fixture_logits_reproduced_through_onnxruntime(onnx_runners, expected, fixture_pixels):
     for pixels, prefix in ((expected["x"], "x"), (fixture_pixels, "image")):
-        out = run_chain(onnx_runners, pixels)
+        out = run_parts(onnx_runners, pixels)
         np.testing.assert_array_equal(out["INDICES"], expected[f"{prefix}_indices"])
         np.testing.assert_allclose(out["LOGIT"], expected[f"{prefix}_logits_stats"], rtol=0, atol=LOGIT_TOL)
         np.testing.assert_allclose(out["PROB"], 1 / (1 + np.exp(-out["LOGIT"])), rtol=0, atol=1e-6)
@@ -138,7 +131,7 @@ def test_reference_mode_head_keeps_indices_input(tiny_checkpoint, onnx_repo, onn
     export_onnx(spec, model, path, max_batch=8)
     head = OnnxRuntimeRunner("d3qe_head", Manifest.read(onnx_repo).parts["d3qe_head"], path)  # same tensors
     assert head.session.get_inputs()[1].name == "INDICES"
-    out = run_chain({**onnx_runners, "d3qe_head": head}, expected["x"])
+    out = run_parts({**onnx_runners, "d3qe_head": head}, expected["x"])
     np.testing.assert_allclose(out["LOGIT"], expected["x_logits_reference"], rtol=0, atol=LOGIT_TOL)
     shuffled = {**out, "INDICES": out["INDICES"][:, ::-1].copy()}
     feeds = {n: shuffled[n] for n in head.input_names}
@@ -162,7 +155,7 @@ def test_runner_takes_every_batch_up_to_max_and_names_bad_inputs(onnx_runners, e
 
 
 def run_chain_tensors(runners: dict, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`run_chain` as the Triton models run it: torch tensors from part to part, on the runners' device."""
+    """`run_parts` as the Triton models run it: torch tensors from part to part, on the runners' device."""
     tensors = {"PIXELS": pixels}
     for part in PART_NAMES:
         tensors.update(runners[part].run_tensors({n: tensors[n] for n in runners[part].input_names}))
@@ -174,7 +167,7 @@ def test_runner_passes_torch_tensors_through_io_binding(onnx_runners, expected):
     assert all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in out.values())
     np.testing.assert_array_equal(out["INDICES"].numpy(), expected["x_indices"])
     np.testing.assert_allclose(out["LOGIT"].numpy(), expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
-    assert torch.equal(out["LOGIT"], torch.from_numpy(run_chain(onnx_runners, expected["x"])["LOGIT"]))
+    assert torch.equal(out["LOGIT"], torch.from_numpy(run_parts(onnx_runners, expected["x"])["LOGIT"]))
     with pytest.raises(ValueError, match="PIXELS has dtype float64, expected float32"):
         onnx_runners["vq_encoder"].run_tensors({"PIXELS": torch.from_numpy(expected["x"]).double()})
 
@@ -219,7 +212,7 @@ def test_int8_quantises_only_clips_transformer(onnx_repo, onnx_runners, expected
     quantize_int8(specs["clip_visual"], onnx_repo / "clip_visual" / "1" / "model.onnx", path)
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in onnx.load(path).graph.node)
     entry = Manifest.read(onnx_repo).parts["clip_visual"]
-    int8 = run_chain({**onnx_runners, "clip_visual": OnnxRuntimeRunner("clip_visual", entry, path)}, fixture_pixels)
+    int8 = run_parts({**onnx_runners, "clip_visual": OnnxRuntimeRunner("clip_visual", entry, path)}, fixture_pixels)
     tolerance = TOLERANCES["int8"]
     np.testing.assert_array_equal(int8["INDICES"], expected["image_indices"])
     assert np.abs(int8["LOGIT"] - expected["image_logits_stats"]).max() <= tolerance.max_abs["LOGIT"]
@@ -234,7 +227,7 @@ def test_torch_runtime_rebuilds_parts_from_safetensors(tiny_checkpoint, expected
         weights = tmp_path / part / "1" / "model.safetensors"
         assert manifest.parts[part].file == f"{part}/1/model.safetensors"
         assert weights.read_bytes()[8:9] == b"{"  # a safetensors JSON header, no pickle
-    out = run_chain({part: load_part(tmp_path, part) for part in PART_NAMES}, expected["x"])
+    out = run_parts({part: load_part(tmp_path, part) for part in PART_NAMES}, expected["x"])
     np.testing.assert_array_equal(out["INDICES"], expected["x_indices"])
     np.testing.assert_allclose(out["LOGIT"], expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
 
@@ -294,6 +287,6 @@ def test_tensorrt_engines_reproduce_fixture(tiny_checkpoint, expected, tmp_path)
         model, tmp_path, runtime="tensorrt", precision="fp32", device="cuda", log=lambda _: None
     )
     assert manifest.passed
-    out = run_chain({part: load_part(tmp_path, part, "cuda") for part in PART_NAMES}, expected["x"])
+    out = run_parts({part: load_part(tmp_path, part, "cuda") for part in PART_NAMES}, expected["x"])
     np.testing.assert_array_equal(out["INDICES"], expected["x_indices"])
     np.testing.assert_allclose(out["LOGIT"], expected["x_logits_stats"], rtol=0, atol=LOGIT_TOL)
