@@ -16,24 +16,41 @@ from dataclasses import dataclass
 class Command:
     module: str  # holds add_arguments(parser[, in_process]) and run(args[, in_process])
     help: str
+    extra: str | None = None  # the pyproject extra that installs what the module imports (None: the client's)
     in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER, EXPORTED) beside the server
 
 
+OURS = {"d3qe", "serving", "model_repository", "export", "client", "ui", "cli", "benchmarks"}  # our packages
 COMMANDS = {
     "score": Command("client.score", "score images and videos: logit, probability, verdict", in_process=True),
     "eval": Command(
-        "client.eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", True
+        "client.eval",
+        "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps",
+        in_process=True,
+        extra="eval",
     ),
-    "export": Command("export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts"),
-    "serve": Command("serving.server", "run the Triton server on an exported model repository (foreground, loopback)"),
-    "bulk": Command("cli.bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset"),
-    "demo": Command("cli.demo", "export, serve, score sample images over gRPC next to the eager model, stop"),
-    "bench": Command("benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton"),
+    "export": Command(
+        "export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts", "export"
+    ),
+    "serve": Command(
+        "serving.server", "run the Triton server on an exported model repository (foreground, loopback)", "serve"
+    ),
+    "bulk": Command(
+        "cli.bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset", "bulk"
+    ),
+    "demo": Command("cli.demo", "export, serve, score sample images over gRPC next to the eager model, stop", "export"),
+    "bench": Command(
+        "benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton", "export"
+    ),
     "fidelity": Command(
-        "benchmarks.fidelity", "what each runtime and precision does to the scores, on the fidelity corpus"
+        "benchmarks.fidelity", "what each runtime and precision does to the scores, on the fidelity corpus", "export"
     ),
-    "ui": Command("ui.app", "a review page on loopback: drop images and videos, see scores, timelines and evidence"),
-    "soak": Command("benchmarks.soak", "good and bad requests above capacity for a bounded time: all accounted for"),
+    "ui": Command(
+        "ui.app", "a review page on loopback: drop images and videos, see scores, timelines and evidence", "ui"
+    ),
+    "soak": Command(
+        "benchmarks.soak", "good and bad requests above capacity for a bounded time: all accounted for", "export"
+    ),
 }
 
 
@@ -48,7 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # --help, or an error naming the valid commands
         return 2
     command = COMMANDS[chosen]
-    module = importlib.import_module(command.module)
+    try:
+        module = importlib.import_module(command.module)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] in OURS:
+            raise
+        package = f"d3qe-serve[{command.extra}]" if command.extra else "d3qe-serve"
+        print(
+            f"d3qe {chosen}: needs {e.name.partition('.')[0]}, which is not installed here: pip install '{package}'",
+            file=sys.stderr,
+        )
+        return 2
     extra = {}
     if command.in_process:
         from serving.inprocess import EAGER, EXPORTED

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import OURS
+
 ROOT = Path(__file__).resolve().parents[1]
-OURS = {"d3qe", "serving", "model_repository", "export", "client", "ui", "cli", "benchmarks"}
 # What each tier may import of ours (besides itself); `client.results` is the one client module shared.
 ALLOWED = {
     "d3qe": set(),
@@ -71,3 +72,10 @@ def test_help_and_scoring_through_a_server_load_no_model_code():
     for modules in (helped, scored):
         assert not {"torch", "d3qe", "open_clip", "onnxruntime", "export"} & modules
     assert "client.score" in scored and "client.score" not in helped
+
+
+def test_a_command_missing_its_extra_names_the_extra():
+    code = "import sys\nsys.modules['starlette'] = None\nfrom cli.main import main\nsys.exit(main(['ui', '--help']))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr == "d3qe ui: needs starlette, which is not installed here: pip install 'd3qe-serve[ui]'\n"
