@@ -90,6 +90,13 @@ def default_threads(instances: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // (2 * instances))
 
 
+def default_decoders(device: str) -> int:
+    """Instances of each decoding model (preprocess, preprocess_rgb), each a process of its own: one where the
+    parts run on the CPU and need its cores; half the cores where they run on a GPU and decoding is the CPU's
+    work (about 5 ms an image a core: one instance would hold a GPU to ~200 images/s)."""
+    return max(1, len(os.sched_getaffinity(0)) // 2) if device == "cuda" else 1
+
+
 def _parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
     for key, value in params.items():
         config.parameters[key].string_value = value
@@ -165,13 +172,15 @@ def entrances(pixels: TensorEntry, evidence: bool = False) -> tuple[Entrance, ..
     return (*scoring, Entrance("d3qe_evidence", "d3qe_evidence_pipeline", "preprocess", image, "PIXELS", True))
 
 
-def preprocess_config(entrance: Entrance, max_batch: int, image_size: int, queue_delay_us: int) -> mc.ModelConfig:
+def preprocess_config(
+    entrance: Entrance, max_batch: int, image_size: int, queue_delay_us: int, instances: int = 1
+) -> mc.ModelConfig:
     """Encoded files (IMAGE) or decoded pixels (RGB) → PIXELS, each warmed up with an image of its kind."""
     config = mc.ModelConfig(name=entrance.first, backend="python")
     _batching(config, max_batch, queue_delay_us)
     _add_tensors(config.input, [entrance.input])
     config.output.add(name="PIXELS", data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
-    _instances(config, "cpu", 1)
+    _instances(config, "cpu", instances)
     _parameters(config, PreprocessParameters(entrance.input.name).to_parameters())
     warmup = config.model_warmup.add(name="image", batch_size=1)
     tensor = warmup.inputs[entrance.input.name]
@@ -290,6 +299,7 @@ def write_repository(
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S,
     admitted_batches: int = DEFAULT_ADMITTED_BATCHES,
     compile: bool = False,
+    decoders: int | None = None,
 ) -> list[Path]:
     """Write every config, python model, ensemble and gate for the parts `manifest` describes; returns the files.
 
@@ -297,6 +307,7 @@ def write_repository(
     intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
     `max_queue_size`, `queue_timeout_s` and `admitted_batches` are each gate's overload policy
     (`admission_config`). `compile`: the torch-runtime parts run compiled (`serving.runtimes.TorchRunner`).
+    `decoders`: instances of each decoding model (default `default_decoders(device)`).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -328,7 +339,9 @@ def write_repository(
             written.append(_write_config(first / "config.pbtxt", config))
             written.append(_install_model("check_pixels", first))
         elif not entrance.evidence:  # the evidence ensemble decodes with the scoring ensemble's preprocess
-            config = preprocess_config(entrance, max_batch, cfg.image_size, queue_delay_us)
+            config = preprocess_config(
+                entrance, max_batch, cfg.image_size, queue_delay_us, decoders or default_decoders(device)
+            )
             written.append(_write_config(first / "config.pbtxt", config))
             written.append(_install_model("preprocess", first))
             if entrance.input.name == "IMAGE":

@@ -274,6 +274,16 @@ def test_gpu_parts_take_gpu_inputs_as_they_are(tiny_repository, tmp_path):
         assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     cpu = text_format.Parse((tiny_repository / "vq_encoder" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu.parameters
+    # decoding is the CPU's whole job there: half its cores decode, one instance of each decoding model on a CPU
+    for model in ("preprocess", "preprocess_rgb"):
+        gpu = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), mc.ModelConfig())
+        cpu = text_format.Parse((tiny_repository / model / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert gpu.instance_group[0].count == max(1, len(os.sched_getaffinity(0)) // 2)
+        assert cpu.instance_group[0].count == 1
+    write_repository(tmp_path, Manifest.read(tiny_repository), device="cuda", decoders=3)
+    for model in ("preprocess", "preprocess_rgb"):
+        config = text_format.Parse((tmp_path / model / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert config.instance_group[0].count == 3
 
 
 @pytest.fixture(scope="module")
