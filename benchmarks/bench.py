@@ -14,9 +14,11 @@ import asyncio
 import datetime
 import io
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,10 +44,13 @@ class Profile:
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     min_requests: int = 16  # per concurrency level: max(min_requests, clients), images reused in turn
     warmup: int = 2  # untimed forward passes (or requests) before each configuration
+    # In-process decoding threads, one batch ahead of the forward pass (as the served `preprocess` instances run
+    # beside the parts); None: every core. The CPU profile decodes in line: its cores are the forward pass's.
+    decoders: int | None = None
 
 
 PROFILES = {
-    "cpu": Profile(device="cpu", images=16, eager_batch=1, runtime_batch=1),
+    "cpu": Profile(device="cpu", images=16, eager_batch=1, runtime_batch=1, decoders=1),
     "gpu": Profile(device="cuda", images=512, eager_batch=32, runtime_batch=32, min_requests=512, warmup=8),
 }
 
@@ -114,27 +119,52 @@ def synthetic_images(n: int, seed: int = 0) -> list[bytes]:
     return images
 
 
-def _timed_batches(
-    images: list[bytes], batch: int, warmup: int, forward: Callable[[np.ndarray], np.ndarray], desc: str, sync=None
+def timed_batches(
+    images: list[bytes],
+    batch: int,
+    warmup: int,
+    forward: Callable[[np.ndarray], np.ndarray],
+    desc: str,
+    sync=None,
+    decoders: int | None = None,
 ) -> tuple[float, list[float], np.ndarray]:
-    """Preprocess + forward over `images` in batches: wall seconds, per-image latency (ms), logits."""
+    """Decode + forward over `images` in batches: wall seconds, per-image latency (ms), logits.
+
+    With `decoders` > 1 (None: every core) a thread pool decodes the next batch while this one runs; a batch's
+    latency is then from its turn to its logits. With 1, each batch is decoded in line, then run.
+    """
     from d3qe import preprocess
 
-    def run(chunk: list[bytes]) -> np.ndarray:
-        pixels = np.stack([preprocess(b).numpy() for b in chunk])
-        out = forward(pixels)
-        if sync:
-            sync()
-        return out
+    def pixels(image: bytes) -> np.ndarray:
+        return preprocess(image).numpy()
 
-    for _ in range(warmup):
-        run(images[:batch])
-    logits, latencies = [], []
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(images), batch), desc=desc, unit="batch", file=sys.stderr):
-        t0 = time.perf_counter()
-        logits.append(run(images[i : i + batch]).reshape(-1))
-        latencies += [1000 * (time.perf_counter() - t0)] * len(images[i : i + batch])
+    chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+    threads = decoders or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+
+        def decode(chunk: list[bytes]) -> Callable[[], np.ndarray]:
+            """The batch's pixels, when asked: decoded then (one thread), or already started on the pool."""
+            if threads == 1:
+                return lambda: np.stack([pixels(image) for image in chunk])
+            started = [pool.submit(pixels, image) for image in chunk]
+            return lambda: np.stack([f.result() for f in started])
+
+        def run(decoded: Callable[[], np.ndarray]) -> np.ndarray:
+            out = forward(decoded())
+            if sync:
+                sync()
+            return out
+
+        for _ in range(warmup):
+            run(decode(chunks[0]))
+        logits, latencies = [], []
+        start = time.perf_counter()
+        ahead = decode(chunks[0])
+        for k in tqdm(range(len(chunks)), desc=desc, unit="batch", file=sys.stderr):
+            t0 = time.perf_counter()
+            current, ahead = ahead, decode(chunks[k + 1]) if k + 1 < len(chunks) else None
+            logits.append(run(current).reshape(-1))
+            latencies += [1000 * (time.perf_counter() - t0)] * len(chunks[k])
     return time.perf_counter() - start, latencies, np.concatenate(logits)
 
 
@@ -149,7 +179,9 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
             return model(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    seconds, lat, logits = _timed_batches(images, profile.eager_batch, profile.warmup, forward, "eager fp32", sync)
+    seconds, lat, logits = timed_batches(
+        images, profile.eager_batch, profile.warmup, forward, "eager fp32", sync, profile.decoders
+    )
     row = Row(
         "eager (upstream-style)", "pytorch eager", "fp32", f"batch {profile.eager_batch}", len(images), seconds, lat
     )
@@ -171,7 +203,9 @@ def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool
     if compile:
         runtime += " compiled"
     desc = f"{repo.name}: {runtime} {precision}"
-    seconds, lat, logits = _timed_batches(images, profile.runtime_batch, profile.warmup, forward, desc)
+    seconds, lat, logits = timed_batches(
+        images, profile.runtime_batch, profile.warmup, forward, desc, decoders=profile.decoders
+    )
     batch = f"batch {profile.runtime_batch}"
     name = f"in-process {repo.name}" + (" (compiled)" if compile else "")
     return Row(name, runtime, precision, batch, len(images), seconds, lat), logits

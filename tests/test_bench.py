@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from benchmarks.bench import synthetic_images, timed_batches
 from cli.main import main
+from d3qe import preprocess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -33,3 +36,16 @@ def test_bench_writes_reports_and_every_configuration_matches_eager(
     assert report["server_batch_policy"]["preprocess"]["max_batch_size"] >= 1
     assert "| triton gRPC, 2 clients |" in (out / "bench.md").read_text()
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decoding_ahead_on_threads_keeps_every_image_in_its_place():
+    images = synthetic_images(7)
+    want = np.array([preprocess(b).numpy().mean() for b in images])
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return pixels.mean(axis=(1, 2, 3))
+
+    for decoders in (1, 3):
+        seconds, latencies, got = timed_batches(images, 3, 1, forward, f"{decoders} decoders", decoders=decoders)
+        np.testing.assert_array_equal(got, want)
+        assert len(latencies) == len(images) and seconds > 0
