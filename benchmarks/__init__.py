@@ -25,3 +25,13 @@ def report_header(what: str, info: dict) -> dict:
     date = datetime.date.today().isoformat()
     where = info.get("gpu") or f"{info['cpu']} ({info['cores']} cores)"
     return {"title": f"{what}: {where}, {date}", "date": date, "machine": info, "versions": tool_versions(commit=True)}
+
+
+def save_figure(fig, path: Path, title: str, *, fontsize: float = 10, dpi: int = 110) -> None:
+    """A benchmark's matplotlib figure titled, laid out, written to `path` and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, save_figure
 from d3qe.attention import freq_biased_attention, freq_biased_attention_math
 from serving.host import machine, tool_versions
 
@@ -109,10 +109,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         ax.set_ylabel("ms per call (log)")
         ax.set_title(f"{dtype} (labels: speed-up over released)")
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

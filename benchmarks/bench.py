@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import RESULTS, results_dir
+from benchmarks import RESULTS, results_dir, save_figure
 from client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
 from client.results import DEFAULT_THRESHOLD
 from serving.host import machine, machine_slug, tool_versions
@@ -370,10 +370,7 @@ def plot(path: Path, rows: list[Row], eager_ips: float, title: str) -> None:
     ax2.set_xscale("log")
     ax2.set_xlabel("latency per request (eager, in-process: per batch), ms (log)")
     ax2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=12, dpi=120)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks import report_header, results_dir
+from benchmarks import report_header, results_dir, save_figure
 from cli import bulk
 from cli.main import main as d3qe
 from export.corpus import corpus, corpus_digest, write_corpus
@@ -80,10 +80,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     right.bar(labels, [r["steady_images_per_s_per_worker"] for r in rows], color=colours)
     right.set_xticks(list(x), labels, fontsize=8)
     right.set_ylabel("steady images/s per actor (score: per process)")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:

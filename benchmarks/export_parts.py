@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import results_dir
+from benchmarks import results_dir, save_figure
 from d3qe import load_detector
 from d3qe.parts import PART_NAMES, eager_tensors, part_specs
 from export.validate import synthetic_pixels
@@ -79,9 +79,7 @@ def _plot(rows: list[dict], batches: list[int], path: Path, title: str) -> None:
         ax.set_ylabel("ms / image (median)")
         ax.set_title(f"batch {batch}")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, title, fontsize=12, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

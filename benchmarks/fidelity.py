@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import report_header, results_dir
+from benchmarks import report_header, results_dir, save_figure
 from client.results import DEFAULT_THRESHOLD
 from serving.inprocess import add_weight_arguments
 
@@ -222,10 +222,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     right.legend(loc="lower right", fontsize=8)
     left.invert_yaxis()
     right.invert_yaxis()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import report_header, results_dir
+from benchmarks import report_header, results_dir, save_figure
 from serving.host import machine
 from serving.inprocess import add_weight_arguments
 
@@ -78,10 +78,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     right.scatter(labels, [r["p99_call_s"] for r in rows], color="black", marker="_", s=400, label="p99", zorder=3)
     right.set_ylabel("seconds per call")
     right.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:

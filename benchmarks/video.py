@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks import report_header, results_dir
+from benchmarks import report_header, results_dir, save_figure
 from serving.host import machine
 
 if TYPE_CHECKING:
@@ -94,10 +94,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         ax.text(r["frames_per_s"], i, f" {r['frames_per_s']:.1f}", va="center", fontsize=8)
     ax.set_xlabel("frames/s (sampled frames; decode-every-frame: all frames)")
     ax.invert_yaxis()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9)
 
 
 def main(argv: list[str] | None = None) -> int:

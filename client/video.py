@@ -290,6 +290,21 @@ def fake_periods(
     return periods
 
 
+@dataclass(frozen=True)
+class SpanRule:
+    """`fake_periods`' settings, passed as one: when frames make a span that looks generated."""
+
+    high: float = HIGH
+    low: float = LOW
+    min_duration: float = MIN_DURATION
+    window: int = WINDOW
+
+    def periods(
+        self, times: Iterable[float], probs: Iterable[float], interval: float | None = None
+    ) -> list[list[float]]:
+        return fake_periods(times, probs, **asdict(self), interval=interval)
+
+
 def top_mean(probs: np.ndarray, fraction: float = TOP_FRACTION) -> float:
     """The mean of the highest ceil(fraction · n) values."""
     k = max(1, math.ceil(fraction * len(probs)))
@@ -302,10 +317,7 @@ def summarize(
     *,
     fps: float | None,
     threshold: float = DEFAULT_THRESHOLD,
-    high: float = HIGH,
-    low: float = LOW,
-    min_duration: float = MIN_DURATION,
-    window: int = WINDOW,
+    spans: SpanRule = SpanRule(),
 ) -> VideoResult:
     """The video's result from its frame scores; failed frames take no part in the scores or the spans."""
     scored = [f for f in frames if f.error is None]
@@ -315,9 +327,7 @@ def summarize(
     probs = np.array([f.p_generated for f in scored])
     interval = 1 / fps if fps is not None else sample_interval(times, 0.0)
     p_topk = top_mean(probs)
-    periods = fake_periods(
-        times, probs, high=high, low=low, min_duration=min_duration, window=window, interval=interval
-    )
+    periods = spans.periods(times, probs, interval)
     verdict = "generated" if p_topk > threshold else "real"
     return VideoResult(source, fps, interval, frames, float(probs.mean()), p_topk, verdict, periods)
 
@@ -330,10 +340,7 @@ def score_video(
     every_frame: bool = False,
     threshold: float = DEFAULT_THRESHOLD,
     max_frames: int = MAX_FRAMES,
-    high: float = HIGH,
-    low: float = LOW,
-    min_duration: float = MIN_DURATION,
-    window: int = WINDOW,
+    spans: SpanRule = SpanRule(),
     source: str | None = None,
     progress: bool = True,
 ) -> VideoResult:
@@ -371,19 +378,10 @@ def score_video(
         FrameScore(t, r.logit, r.probability) if r.ok else FrameScore(t, error=r.error)
         for t, r in zip(times, scores, strict=True)
     ]
-    return summarize(
-        source,
-        frame_scores,
-        fps=rate,
-        threshold=threshold,
-        high=high,
-        low=low,
-        min_duration=min_duration,
-        window=window,
-    )
+    return summarize(source, frame_scores, fps=rate, threshold=threshold, spans=spans)
 
 
-def plot_timeline(result: VideoResult, path: str | Path, *, high: float = HIGH, low: float = LOW) -> Path:
+def plot_timeline(result: VideoResult, path: str | Path, *, spans: SpanRule = SpanRule()) -> Path:
     """A PNG of P(generated) over time: the frames, the spans of `fake_periods` shaded, the hysteresis lines."""
     import matplotlib
 
@@ -395,8 +393,8 @@ def plot_timeline(result: VideoResult, path: str | Path, *, high: float = HIGH, 
     for start, end, _ in result.fake_periods:
         ax.axvspan(start, end, color="tab:red", alpha=0.2, lw=0)
     ax.plot([f.time_s for f in scored], [f.p_generated for f in scored], ".-", color="tab:blue", lw=1, ms=3)
-    ax.axhline(high, color="tab:red", ls="--", lw=0.8, label=f"high {high:g}")
-    ax.axhline(low, color="tab:green", ls="--", lw=0.8, label=f"low {low:g}")
+    ax.axhline(spans.high, color="tab:red", ls="--", lw=0.8, label=f"high {spans.high:g}")
+    ax.axhline(spans.low, color="tab:green", ls="--", lw=0.8, label=f"low {spans.low:g}")
     ax.set_ylim(0, 1)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("P(generated)")

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from cli.main import main
 from client.grpc_client import D3QEClient
-from client.video import VideoError, decode_frames, fake_periods, score_video, top_mean
+from client.video import SpanRule, VideoError, decode_frames, fake_periods, score_video, top_mean
 from tests.helpers import LOGIT_TOL, write_video
 
 av = pytest.importorskip("av")
@@ -184,7 +184,7 @@ def test_a_folder_scores_videos_beside_images_and_bad_videos_fail_alone(
     probs = [f["p_generated"] for f in video["frames"]]
     assert fake_periods(times, probs, high=threshold, low=threshold) == [[3.0, 5.0, pytest.approx(p[1], abs=1e-5)]]
     with D3QEClient(url, "d3qe_rgb") as c:
-        api = score_video(folder / "spliced.mkv", c, high=threshold, low=threshold, progress=False)
+        api = score_video(folder / "spliced.mkv", c, spans=SpanRule(high=threshold, low=threshold), progress=False)
     assert [period[:2] for period in api.fake_periods] == [[3.0, 5.0]]
 
 
