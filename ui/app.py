@@ -15,8 +15,10 @@ when the request ends.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +67,24 @@ class Upload:
     error: str | None = None
 
 
+@dataclass
+class Clients:
+    """The app's clients of the server, one per entrance it scores through, opened with the app and closed
+    with it (their channels and the models' metadata serve every request)."""
+
+    images: D3QEClient  # `d3qe`: encoded files; also asks `d3qe_evidence` for an image's evidence
+    frames: D3QEClient  # `d3qe_rgb`: a video's decoded frames
+
+    @classmethod
+    def open(cls, settings: Settings) -> Clients:
+        options = {"timeout": settings.timeout, "threshold": settings.threshold}
+        return cls(D3QEClient(settings.url, DEFAULT_MODEL, **options), D3QEClient(settings.url, VIDEO_MODEL, **options))
+
+    def close(self) -> None:
+        self.images.close()
+        self.frames.close()
+
+
 def _is_video(name: str) -> bool:
     return Path(name).suffix.lower() in VIDEO_SUFFIXES
 
@@ -96,16 +116,15 @@ def _read(upload: Upload) -> bytes:
     return upload.file.file.read()
 
 
-def _score_video(settings: Settings, upload: Upload, folder: Path, index: int) -> dict:
+def _score_video(settings: Settings, clients: Clients, upload: Upload, folder: Path, index: int) -> dict:
     path = folder / f"{index}{Path(upload.name).suffix.lower()}"  # our name: the upload's is only a label
     with open(path, "wb") as out:
         upload.file.file.seek(0)
         shutil.copyfileobj(upload.file.file, out)
     try:
-        with D3QEClient(settings.url, VIDEO_MODEL, timeout=settings.timeout) as client:
-            result = score_video(
-                path, client, fps=settings.fps, threshold=settings.threshold, source=upload.name, progress=False
-            )
+        result = score_video(
+            path, clients.frames, fps=settings.fps, threshold=settings.threshold, source=upload.name, progress=False
+        )
     except VideoError as e:
         result = VideoResult.failed(upload.name, str(e).replace(str(path), upload.name))
     finally:
@@ -113,7 +132,7 @@ def _score_video(settings: Settings, upload: Upload, folder: Path, index: int) -
     return {"kind": "video", **result.as_dict()}
 
 
-def score_uploads(settings: Settings, uploads: list[Upload]) -> list[dict]:
+def score_uploads(settings: Settings, clients: Clients, uploads: list[Upload]) -> list[dict]:
     """One result per upload, in upload order: images in batches through the `d3qe` entrance, then videos."""
     rows: list[dict | None] = [None] * len(uploads)
     for i, u in enumerate(uploads):
@@ -121,25 +140,23 @@ def score_uploads(settings: Settings, uploads: list[Upload]) -> list[dict]:
             rows[i] = {"kind": "video" if _is_video(u.name) else "image", "source": u.name, "error": u.error}
     images = [i for i, u in enumerate(uploads) if rows[i] is None and not _is_video(u.name)]
     if images:
-        with D3QEClient(settings.url, DEFAULT_MODEL, timeout=settings.timeout, threshold=settings.threshold) as client:
-            scored = client.score((uploads[i].name, _read(uploads[i])) for i in images)
-            for i, result in zip(images, scored, strict=True):
-                rows[i] = {"kind": "image", **result.as_dict()}
+        scored = clients.images.score((uploads[i].name, _read(uploads[i])) for i in images)
+        for i, result in zip(images, scored, strict=True):
+            rows[i] = {"kind": "image", **result.as_dict()}
     videos = [i for i, row in enumerate(rows) if row is None]
     if videos:
         with tempfile.TemporaryDirectory(prefix="d3qe-ui-") as folder:
             for i in videos:
-                rows[i] = _score_video(settings, uploads[i], Path(folder), i)
+                rows[i] = _score_video(settings, clients, uploads[i], Path(folder), i)
     return rows
 
 
-def evidence_of(settings: Settings, upload: Upload) -> dict:
+def evidence_of(clients: Clients, upload: Upload) -> dict:
     if upload.error is not None:
         raise EvidenceError(f"{upload.name}: {upload.error}")
     if _is_video(upload.name):
         raise EvidenceError(f"{upload.name}: the evidence view is for images; a video's frames are on its timeline")
-    with D3QEClient(settings.url, timeout=settings.timeout, threshold=settings.threshold) as client:
-        return client.evidence((upload.name, _read(upload)), EVIDENCE_MODEL).as_dict()
+    return clients.images.evidence((upload.name, _read(upload)), EVIDENCE_MODEL).as_dict()
 
 
 def _server_error(e: Exception) -> JSONResponse:
@@ -149,6 +166,12 @@ def _server_error(e: Exception) -> JSONResponse:
 
 def create_app(settings: Settings) -> Starlette:
     """The page and its API, talking to the Triton server at `settings.url`."""
+    clients = Clients.open(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(clients.close)  # waits for calls still running
 
     async def info(request: Request) -> JSONResponse:
         def ready() -> dict[str, bool]:
@@ -167,7 +190,7 @@ def create_app(settings: Settings) -> Starlette:
     async def score(request: Request) -> JSONResponse:
         uploads = await _uploads(request, settings, "files")
         try:
-            rows = await run_in_threadpool(score_uploads, settings, uploads)
+            rows = await run_in_threadpool(score_uploads, settings, clients, uploads)
         except (ServerNotReadyError, InferenceServerException) as e:
             return _server_error(e)
         finally:
@@ -180,7 +203,7 @@ def create_app(settings: Settings) -> Starlette:
         if len(uploads) != 1:
             raise HTTPException(400, f"the evidence is for one image at a time, got {len(uploads)} files")
         try:
-            return JSONResponse(await run_in_threadpool(evidence_of, settings, uploads[0]))
+            return JSONResponse(await run_in_threadpool(evidence_of, clients, uploads[0]))
         except EvidenceError as e:
             return JSONResponse({"source": uploads[0].name, "error": str(e)}, 422)
         except (ServerNotReadyError, InferenceServerException) as e:
@@ -197,7 +220,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/evidence", evidence, methods=["POST"]),
         Mount("/", StaticFiles(directory=STATIC, html=True)),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
