@@ -286,6 +286,29 @@ def _install_model(module: str, model_dir: Path) -> Path:
     return dest
 
 
+def _write_first_step(
+    folder: Path,
+    entrance: Entrance,
+    pixels: TensorEntry,
+    image_size: int,
+    *,
+    max_batch: int,
+    queue_delay_us: int,
+    instances: int,
+) -> list[Path]:
+    """The model that checks an entrance's input: `check_pixels`, or a decoding model (with its warm-up image)."""
+    if entrance.first == "check_pixels":
+        config = check_pixels_config(max_batch, pixels, queue_delay_us)
+        return [_write_config(folder / "config.pbtxt", config), _install_model("check_pixels", folder)]
+    config = preprocess_config(entrance, max_batch, image_size, queue_delay_us, instances)
+    written = [_write_config(folder / "config.pbtxt", config), _install_model("preprocess", folder)]
+    if entrance.input.name == "IMAGE":
+        (folder / "warmup").mkdir(exist_ok=True)
+        (folder / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(image_size))
+        written.append(folder / "warmup" / WARMUP_IMAGE)
+    return written
+
+
 def write_repository(
     out_dir: Path,
     manifest: Manifest,
@@ -332,22 +355,12 @@ def write_repository(
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
     pixels = entries["vq_encoder"].inputs[0]
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
+    step = {"max_batch": max_batch, "queue_delay_us": queue_delay_us, "instances": decoders or default_decoders(device)}
+    firsts = set()  # entrances may share their first step (d3qe_evidence decodes with d3qe's preprocess)
     for entrance in entrances(pixels, evidence):
-        first = out_dir / entrance.first
-        if entrance.first == "check_pixels":
-            config = check_pixels_config(max_batch, pixels, queue_delay_us)
-            written.append(_write_config(first / "config.pbtxt", config))
-            written.append(_install_model("check_pixels", first))
-        elif not entrance.evidence:  # the evidence ensemble decodes with the scoring ensemble's preprocess
-            config = preprocess_config(
-                entrance, max_batch, cfg.image_size, queue_delay_us, decoders or default_decoders(device)
-            )
-            written.append(_write_config(first / "config.pbtxt", config))
-            written.append(_install_model("preprocess", first))
-            if entrance.input.name == "IMAGE":
-                (first / "warmup").mkdir(exist_ok=True)
-                (first / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(cfg.image_size))
-                written.append(first / "warmup" / WARMUP_IMAGE)
+        if entrance.first not in firsts:
+            firsts.add(entrance.first)
+            written += _write_first_step(out_dir / entrance.first, entrance, pixels, cfg.image_size, **step)
         ensemble = ensemble_config(entrance, entries, max_batch)
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
