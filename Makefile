@@ -45,7 +45,7 @@ fidelity: venv
 # What the GPU machine lacks (open_clip, tritonclient, the Triton server, numpy<2), from PyPI, repacked to travel
 # beside the tree in one device run: build/gpu-carry/ (needs the network; prints its size, fails above 60 MiB).
 gpu-carry: venv
-	$(BIN)/python -m benchmarks.gpu_carry build
+	$(BIN)/python -m d3qe_serve.benchmarks.gpu_carry build
 
 # The GPU run, on the GPU machine (no network, no venv): installs build/gpu-carry under /tmp, then validates and
 # measures stage by stage into $$OUT (benchmarks/gpu_run.py; `bash benchmarks/gpu_run.sh --smoke` runs it on a CPU).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from serving.host import machine_slug, tool_versions
+from d3qe_serve.serving.host import machine_slug, tool_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

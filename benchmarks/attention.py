@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
-from benchmarks import RESULTS, save_figure
-from d3qe.attention import freq_biased_attention, freq_biased_attention_math
-from serving.host import machine, tool_versions
+from d3qe_serve.benchmarks import RESULTS, save_figure
+from d3qe_serve.d3qe.attention import freq_biased_attention, freq_biased_attention_math
+from d3qe_serve.serving.host import machine, tool_versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import RESULTS, results_dir, save_figure
-from client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
-from client.results import DEFAULT_THRESHOLD
-from serving.host import machine, machine_slug, tool_versions
-from serving.inprocess import add_weight_arguments
-from serving.manifest import Manifest
+from d3qe_serve.benchmarks import RESULTS, results_dir, save_figure
+from d3qe_serve.client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
+from d3qe_serve.client.results import DEFAULT_THRESHOLD
+from d3qe_serve.serving.host import machine, machine_slug, tool_versions
+from d3qe_serve.serving.inprocess import add_weight_arguments
+from d3qe_serve.serving.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def timed_batches(
     With `decoders` > 1 (None: every core) a thread pool decodes the next batch while this one runs; a batch's
     latency is then from its turn to its logits. With 1, each batch is decoded in line, then run.
     """
-    from d3qe import preprocess
+    from d3qe_serve.d3qe import preprocess
 
     def pixels(image: bytes) -> np.ndarray:
         return preprocess(image).numpy()
@@ -191,7 +191,7 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
 def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool = False) -> tuple[Row, np.ndarray]:
     """The exported parts chained in-process, as the Triton python-backend models run them; `compile`: torch-runtime
     parts through torch.compile (CUDA graphs on a GPU), as `d3qe export --compile` serves them."""
-    from serving.inprocess import load_exported, run_parts
+    from d3qe_serve.serving.inprocess import load_exported, run_parts
 
     manifest = Manifest.read(repo)
     runners = load_exported(repo, profile.device, compile=compile)
@@ -406,7 +406,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from d3qe import load_detector
+    from d3qe_serve.d3qe import load_detector
 
     profile = PROFILES[args.profile]
     if args.images:
@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
     policy: dict = {}
     if args.server and args.repo:
-        from serving.server import served
+        from d3qe_serve.serving.server import served
 
         with served(args.url, args.repo[0]) as (url, _):
             policy = server_policy(url, args.repo[0])

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks import report_header, results_dir, save_figure
-from cli import bulk
-from cli.main import main as d3qe
-from export.corpus import corpus, corpus_digest, write_corpus
-from serving.host import machine
-from serving.manifest import Manifest
-from serving.server import DEFAULT_REPOSITORY
+from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.cli import bulk
+from d3qe_serve.cli.main import main as d3qe
+from d3qe_serve.export.corpus import corpus, corpus_digest, write_corpus
+from d3qe_serve.serving.host import machine
+from d3qe_serve.serving.manifest import Manifest
+from d3qe_serve.serving.server import DEFAULT_REPOSITORY
 
 
 def run_score(folder: Path, repo: Path, threads: int, batch_size: int) -> tuple[float, dict[str, dict]]:

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import results_dir, save_figure
-from d3qe import load_detector
-from d3qe.parts import PART_NAMES, eager_tensors, part_specs
-from export.validate import synthetic_pixels
-from serving.host import machine, tool_versions
-from serving.manifest import Manifest
-from serving.runtimes import load_part
+from d3qe_serve.benchmarks import results_dir, save_figure
+from d3qe_serve.d3qe import load_detector
+from d3qe_serve.d3qe.parts import PART_NAMES, eager_tensors, part_specs
+from d3qe_serve.export.validate import synthetic_pixels
+from d3qe_serve.serving.host import machine, tool_versions
+from d3qe_serve.serving.manifest import Manifest
+from d3qe_serve.serving.runtimes import load_part
 
 
 def _seconds(fn) -> float:

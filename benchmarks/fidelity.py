@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import report_header, results_dir, save_figure
-from client.results import DEFAULT_THRESHOLD
-from serving.inprocess import add_weight_arguments
+from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.client.results import DEFAULT_THRESHOLD
+from d3qe_serve.serving.inprocess import add_weight_arguments
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -62,7 +62,7 @@ def _module_runner(spec, module, tf32: bool) -> Runner:
     """
     import torch
 
-    from serving.runtimes import cuda_fp32
+    from d3qe_serve.serving.runtimes import cuda_fp32
 
     device = next(module.parameters()).device
 
@@ -81,7 +81,7 @@ def eager_config(model, precision: str, device: str) -> Config:
 
     import torch
 
-    from d3qe.parts import part_specs
+    from d3qe_serve.d3qe.parts import part_specs
 
     dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if device != "cpu":  # a copy: the reference stays on the CPU
@@ -96,8 +96,8 @@ def eager_config(model, precision: str, device: str) -> Config:
 
 
 def repo_config(repo: Path, device: str) -> Config:
-    from serving.manifest import Manifest
-    from serving.runtimes import load_part
+    from d3qe_serve.serving.manifest import Manifest
+    from d3qe_serve.serving.runtimes import load_part
 
     manifest = Manifest.read(repo)
     runtime, precision = manifest.describe()
@@ -108,7 +108,7 @@ def repo_config(repo: Path, device: str) -> Config:
 def run_parts(config: Config, pixels: list[np.ndarray], batch: int, cache: dict) -> dict[str, np.ndarray]:
     """Every image through the configuration's three parts in turn; outputs already computed under the same
     keys (same artifact, same upstream) are reused."""
-    from d3qe.parts import PART_NAMES
+    from d3qe_serve.d3qe.parts import PART_NAMES
 
     tensors = {"PIXELS": np.stack(pixels)}
     upstream = f"{len(pixels)} images"
@@ -127,7 +127,7 @@ def run_parts(config: Config, pixels: list[np.ndarray], batch: int, cache: dict)
 
 def served_logits(url: str, items, timeout: float) -> np.ndarray:
     """The corpus' encoded bytes through the server's `d3qe` ensemble (its own decoding): logits, NaN if failed."""
-    from client.grpc_client import D3QEClient
+    from d3qe_serve.client.grpc_client import D3QEClient
 
     logits = np.full(len(items), np.nan)
     with D3QEClient(url, timeout=timeout) as client:
@@ -153,7 +153,7 @@ def summarize(
     name: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], codebook: np.ndarray | None
 ) -> dict:
     """The fidelity of one configuration against the reference (see the module's docstring)."""
-    from export.validate import INDEX_OUTPUTS, token_ties
+    from d3qe_serve.export.validate import INDEX_OUTPUTS, token_ties
 
     ref_logit, logit = reference["LOGIT"].reshape(-1), got["LOGIT"].reshape(-1)
     ok = np.isfinite(logit)
@@ -191,7 +191,7 @@ def _logit(p: float) -> float:
 
 def reference_gaps(reference: dict[str, np.ndarray], codebook: np.ndarray) -> dict[str, float]:
     """How tied the reference's own code choices are: share of tokens whose two best codes score within d."""
-    from export.validate import token_ties
+    from d3qe_serve.export.validate import token_ties
 
     residual, indices = reference["RESIDUAL"], reference["INDICES"]
     gap = token_ties(residual, indices, residual, indices, codebook)["gap"]
@@ -259,7 +259,7 @@ def measure(
 
     `progress` gets the report so far after each configuration (a long run keeps what it measured).
     """
-    from d3qe import preprocess
+    from d3qe_serve.d3qe import preprocess
 
     pixels = [preprocess(item.data).numpy() for item in tqdm(items, desc="decoding the corpus", unit="img")]
     cache: dict = {}
@@ -331,10 +331,10 @@ def markdown(report: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from benchmarks.bench import eager_reference
-    from d3qe import load_detector
-    from export.corpus import corpus, corpus_digest
-    from serving.host import machine
+    from d3qe_serve.benchmarks.bench import eager_reference
+    from d3qe_serve.d3qe import load_detector
+    from d3qe_serve.export.corpus import corpus, corpus_digest
+    from d3qe_serve.serving.host import machine
 
     items = corpus(args.limit)
     ref = eager_reference(args)
@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         plot(out_dir / "fidelity.png", report["rows"], header["title"])
 
     if args.server or args.url:
-        from serving.server import served
+        from d3qe_serve.serving.server import served
 
         if not (args.url or args.repo):
             print("d3qe fidelity: --server serves the first --repo: name one", file=sys.stderr)

@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.gpu_carry import DEFAULT_CARRY, PYTHON, SERVER_FILES
+from d3qe_serve.benchmarks.gpu_carry import DEFAULT_CARRY, PYTHON, SERVER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_S = 530  # of the 600 s one device command may run: install, every stage, and margin
@@ -82,8 +82,8 @@ class Context:
 def stages(ctx: Context, smoke: bool) -> list[Stage]:
     """The run's stages: full size on CUDA, or (`smoke`) the same orchestration on this CPU at tiny sizes."""
     py, f = ctx.python, ctx.folder
-    d3qe = [py, "-m", "cli.main"]
-    driver = [py, "-m", "benchmarks.gpu_run", "--work", str(ctx.work), "--carry", str(ctx.carry)]
+    d3qe = [py, "-m", "d3qe_serve.cli.main"]
+    driver = [py, "-m", "d3qe_serve.benchmarks.gpu_run", "--work", str(ctx.work), "--carry", str(ctx.carry)]
     repo = str(f("export") / "repo")
     bench = [*d3qe, "bench", "--repo", repo]
     bench += ["--profile", "cpu", "--images", "4"] if smoke else ["--profile", "gpu"]
@@ -96,7 +96,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
         install = Stage(
             "install",
             60,
-            [py, "-m", "benchmarks.gpu_carry", "unpack", str(ctx.carry), str(f("install"))],
+            [py, "-m", "d3qe_serve.benchmarks.gpu_carry", "unpack", str(ctx.carry), str(f("install"))],
             results=("installed.json",),
         )
     device = "cpu" if smoke else "cuda"
@@ -119,7 +119,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
         Stage(
             "kernel-bench",
             60,
-            [py, "-m", "benchmarks.attention", "--out", str(f("kernel-bench"))]
+            [py, "-m", "d3qe_serve.benchmarks.attention", "--out", str(f("kernel-bench"))]
             + (
                 ["--device", "cpu", "--batches", "1", "--length", "64", "--min-run-time", "0.02"]
                 if smoke
@@ -382,7 +382,7 @@ def preflight(ctx: Context) -> dict:
     """What the later stages rely on: GPU, versions, libpython for the stub, /dev/shm, the carry, numpy < 2's path."""
     import sysconfig
 
-    from serving.host import machine, tool_versions
+    from d3qe_serve.serving.host import machine, tool_versions
 
     def torch_info() -> dict:
         import torch

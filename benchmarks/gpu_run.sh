@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "${PYTHON:-python3}" -m benchmarks.gpu_run "$@"
+exec "${PYTHON:-python3}" -m d3qe_serve.benchmarks.gpu_run "$@"

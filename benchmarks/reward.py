@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import report_header, results_dir, save_figure
-from serving.host import machine
-from serving.inprocess import add_weight_arguments
+from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.serving.host import machine
+from d3qe_serve.serving.inprocess import add_weight_arguments
 
 
 def generated_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks.bench import eager_reference
-    from client.reward import D3QEReward
-    from d3qe import load_detector
-    from serving.inprocess import score_eager
-    from serving.server import served
+    from d3qe_serve.benchmarks.bench import eager_reference
+    from d3qe_serve.client.reward import D3QEReward
+    from d3qe_serve.d3qe import load_detector
+    from d3qe_serve.serving.inprocess import score_eager
+    from d3qe_serve.serving.server import served
 
     args.repo = [args.repo]  # eager_reference reads the first repository's weights
     ref = eager_reference(args)

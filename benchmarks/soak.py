@@ -40,12 +40,12 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from benchmarks import RESULTS, results_dir
-from benchmarks.bench import server_policy, synthetic_images
-from d3qe import preprocess
-from d3qe.preprocess import MAX_IMAGE_BYTES, MAX_PIXELS
-from serving.host import machine, machine_slug, tool_versions
-from serving.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REPOSITORY, SHM_DIR, TritonServer, served
+from d3qe_serve.benchmarks import RESULTS, results_dir
+from d3qe_serve.benchmarks.bench import server_policy, synthetic_images
+from d3qe_serve.d3qe import preprocess
+from d3qe_serve.d3qe.preprocess import MAX_IMAGE_BYTES, MAX_PIXELS
+from d3qe_serve.serving.host import machine, machine_slug, tool_versions
+from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REPOSITORY, SHM_DIR, TritonServer, served
 
 SCORE_TOL = 1e-4  # the fixture's fp32 tolerance: batching with other requests may move a logit by ~1e-6
 OVERLOAD = re.compile(r"Exceeds maximum queue size|Request timeout expired")

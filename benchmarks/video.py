@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks import report_header, results_dir, save_figure
-from serving.host import machine
+from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.serving.host import machine
 
 if TYPE_CHECKING:
-    from client.grpc_client import D3QEClient
+    from d3qe_serve.client.grpc_client import D3QEClient
 
 
 def make_clip(path: Path, seconds: float, rate: int, width: int = 1280, height: int = 720) -> Path:
@@ -69,7 +69,7 @@ def _timed(label: str, run) -> tuple[float, object]:
 def decode_then_score(clip: Path, client: D3QEClient, fps: float, source_frames: int) -> list[dict]:
     """Rows for decoding the clip at `fps` into memory, then sending those frames to the server (a warm-up first).
     The decoded frames (2.8 MB each at 720p) are let go on return, before the end-to-end run."""
-    from client.video import decode_frames
+    from d3qe_serve.client.video import decode_frames
 
     seconds, frames = _timed(f"decoding at {fps:g} fps", lambda: list(decode_frames(clip, fps=fps)))
     decode = {"stage": f"decode @{fps:g} fps", "frames": len(frames), "seconds": seconds}
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
     args = p.parse_args(argv)
 
-    from client.grpc_client import D3QEClient
-    from client.video import VIDEO_MODEL, decode_frames, score_video
-    from serving.manifest import Manifest
-    from serving.server import served
+    from d3qe_serve.client.grpc_client import D3QEClient
+    from d3qe_serve.client.video import VIDEO_MODEL, decode_frames, score_video
+    from d3qe_serve.serving.manifest import Manifest
+    from d3qe_serve.serving.server import served
 
     info = machine("cpu")
     rows = []

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.grpc_client import DEFAULT_MODEL, D3QEClient, ServerNotReadyError
-from client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
-from client.score import expand_paths
+from d3qe_serve.client.grpc_client import DEFAULT_MODEL, D3QEClient, ServerNotReadyError
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
+from d3qe_serve.client.score import expand_paths
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -81,7 +81,7 @@ class Exported:
 
     def manifest_id(self) -> str:
         """The export's id, its artifacts checked first (here, before any actor loads them)."""
-        from serving.manifest import Manifest, ManifestError
+        from d3qe_serve.serving.manifest import Manifest, ManifestError
 
         try:
             manifest = Manifest.read(Path(self.repo))
@@ -92,7 +92,7 @@ class Exported:
         return manifest.id
 
     def scorer(self, threshold: float, batch_size: int) -> Scorer:
-        from serving.inprocess import load_exported, score_exported
+        from d3qe_serve.serving.inprocess import load_exported, score_exported
 
         runners = load_exported(Path(self.repo), self.device, self.threads)
         return lambda items: score_exported(runners, items, threshold, batch_size)
@@ -111,7 +111,7 @@ class Served:
         the server's readiness and interface are checked first."""
         import tritonclient.grpc as grpcclient
 
-        from serving.model_params import GateParameters
+        from d3qe_serve.serving.model_params import GateParameters
 
         with D3QEClient(self.url, self.model) as client:
             try:
@@ -313,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _target(args: argparse.Namespace) -> Exported | Served:
     if args.url:
         return Served(args.url, args.model, args.ready_timeout)
-    from serving.server import DEFAULT_REPOSITORY
+    from d3qe_serve.serving.server import DEFAULT_REPOSITORY
 
     device = "cuda" if args.num_gpus > 0 else "cpu"
     return Exported(str(Path(args.repo or DEFAULT_REPOSITORY).absolute()), device, max(1, round(args.num_cpus)))

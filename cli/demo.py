@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from client.results import ScoreResult
-from serving.inprocess import add_weight_arguments, detector_from_args
-from serving.manifest import Manifest
-from serving.server import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
+from d3qe_serve.client.results import ScoreResult
+from d3qe_serve.serving.inprocess import add_weight_arguments, detector_from_args
+from d3qe_serve.serving.manifest import Manifest
+from d3qe_serve.serving.server import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "samples"  # package data: the tiny fixture's seven images
 
@@ -26,8 +26,8 @@ def _say(line: str) -> None:
 def reusable_export(repo: Path, args: argparse.Namespace) -> Manifest | None:
     """The manifest of a validated export at `repo` of exactly these weights, with every part this version
     exports and intact artifacts; else None."""
-    from d3qe.parts import EVIDENCE, PART_NAMES
-    from serving.manifest import checkpoint_record
+    from d3qe_serve.d3qe.parts import EVIDENCE, PART_NAMES
+    from d3qe_serve.serving.manifest import checkpoint_record
 
     try:
         manifest = Manifest.read(repo)
@@ -72,13 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.grpc_client import D3QEClient
-    from client.score import expand_paths
-    from d3qe import CheckpointError
-    from export.driver import export_repository
-    from export.validate import TOLERANCES, ValidationError
-    from serving.inprocess import score_eager
-    from serving.repository import write_repository
+    from d3qe_serve.client.grpc_client import D3QEClient
+    from d3qe_serve.client.score import expand_paths
+    from d3qe_serve.d3qe import CheckpointError
+    from d3qe_serve.export.driver import export_repository
+    from d3qe_serve.export.validate import TOLERANCES, ValidationError
+    from d3qe_serve.serving.inprocess import score_eager
+    from d3qe_serve.serving.repository import write_repository
 
     repo = args.model_repository.resolve()
     items = [(str(p), p) for p in expand_paths(args.images)]

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # holds add_arguments(parser[, in_process]) and run(args[, in_process])
+    module: str  # under ROOT; holds add_arguments(parser[, in_process]) and run(args[, in_process])
     help: str
     extra: str | None = None  # the pyproject extra that installs what the module imports (None: the client's)
     in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER, EXPORTED) beside the server
 
 
-OURS = {"d3qe", "serving", "model_repository", "export", "client", "ui", "cli", "benchmarks"}  # our packages
+ROOT = "d3qe_serve"  # the one import package; the tiers are its subpackages
 COMMANDS = {
     "score": Command("client.score", "score images and videos: logit, probability, verdict", in_process=True),
     "eval": Command(
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = COMMANDS[chosen]
     try:
-        module = importlib.import_module(command.module)
+        module = importlib.import_module(f"{ROOT}.{command.module}")
     except ModuleNotFoundError as e:
-        if e.name is None or e.name.partition(".")[0] in OURS:
+        if e.name is None or e.name.partition(".")[0] == ROOT:
             raise
         package = f"d3qe-serve[{command.extra}]" if command.extra else "d3qe-serve"
         print(
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     extra = {}
     if command.in_process:
-        from serving.inprocess import EAGER, EXPORTED
+        from d3qe_serve.serving.inprocess import EAGER, EXPORTED
 
         extra["in_process"] = [EAGER, EXPORTED]
     module.add_arguments(parsers[chosen], **extra)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from client.grpc_client import ModelMismatchError, ServerNotReadyError
-from client.results import InProcessRuntime, Item, Scorer, ScoreResult
-from client.score import add_runtime_arguments, open_runtime
+from d3qe_serve.client.grpc_client import ModelMismatchError, ServerNotReadyError
+from d3qe_serve.client.results import InProcessRuntime, Item, Scorer, ScoreResult
+from d3qe_serve.client.score import add_runtime_arguments, open_runtime
 
 CLASSES = {"0_real": 0, "1_fake": 1}
 

@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from client.results import DEFAULT_THRESHOLD, ScoreResult
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, ScoreResult
 
 EVIDENCE_MODEL = "d3qe_evidence"
 MAPS = ("ERROR_MAP", "ATTENTION")  # [16, 16] each

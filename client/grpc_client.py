@@ -36,8 +36,8 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
-from client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
-from client.results import DEFAULT_THRESHOLD, Item, ScoreResult
+from d3qe_serve.client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, ScoreResult
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "d3qe"

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from client.grpc_client import AsyncD3QEClient, D3QEClient, RetryPolicy
-from client.results import ScoreResult
+from d3qe_serve.client.grpc_client import AsyncD3QEClient, D3QEClient, RetryPolicy
+from d3qe_serve.client.results import ScoreResult
 
 DEFAULT_MODEL = "d3qe_rgb"
 SCORES = ("real", "neg_logit")

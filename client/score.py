@@ -18,9 +18,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ModelMismatchError, ServerNotReadyError
-from client.results import DEFAULT_THRESHOLD, InProcessRuntime, Scorer, ScoreResult
-from client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoError, VideoResult, plot_timeline, score_video
+from d3qe_serve.client.grpc_client import (
+    DEFAULT_MODEL,
+    DEFAULT_URL,
+    D3QEClient,
+    ModelMismatchError,
+    ServerNotReadyError,
+)
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, InProcessRuntime, Scorer, ScoreResult
+from d3qe_serve.client.video import (
+    DEFAULT_FPS,
+    VIDEO_MODEL,
+    VIDEO_SUFFIXES,
+    VideoError,
+    VideoResult,
+    plot_timeline,
+    score_video,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

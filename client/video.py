@@ -1,7 +1,7 @@
 """Videos: per-frame D³QE scores, a video score, and the time spans that look generated.
 
-    from client.grpc_client import D3QEClient
-    from client.video import score_video, plot_timeline
+    from d3qe_serve.client.grpc_client import D3QEClient
+    from d3qe_serve.client.video import score_video, plot_timeline
 
     with D3QEClient("localhost:8001", "d3qe_rgb") as client:
         result = score_video("clip.mp4", client, fps=2.0)   # or frames in memory: [(time_s, uint8 [H, W, 3]), ...]
@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from client.grpc_client import D3QEClient
-from client.results import DEFAULT_THRESHOLD, Scorer
+from d3qe_serve.client.grpc_client import D3QEClient
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer
 
 VIDEO_MODEL = "d3qe_rgb"  # the server's entrance for decoded pixels
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi"}

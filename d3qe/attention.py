@@ -84,7 +84,7 @@ def freq_biased_attention_math(
 def _(q, k, v, qb, kb, gamma):
     check_inputs(q, k, v, qb, kb, gamma)
     # Imported here: Triton is only needed (and only installed with torch) where CUDA is.
-    from d3qe.attention_kernel import freq_biased_attention_triton
+    from d3qe_serve.d3qe.attention_kernel import freq_biased_attention_triton
 
     return freq_biased_attention_triton(q, k, v, qb, kb, gamma)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from d3qe.config import PRESETS, D3QEConfig, config_from_state_dict
-from d3qe.detector import D3QE
+from d3qe_serve.d3qe.config import PRESETS, D3QEConfig, config_from_state_dict
+from d3qe_serve.d3qe.detector import D3QE
 
 # Keys of the upstream checkpoint that inference never reads.
 _UNUSED_PREFIXES = (

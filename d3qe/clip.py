@@ -7,7 +7,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from torch import nn
 
-from d3qe.config import CLIPConfig
+from d3qe_serve.d3qe.config import CLIPConfig
 
 
 class CLIPBranch(nn.Module):

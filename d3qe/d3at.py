@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d3qe.attention import attention_weights, freq_biased_attention
-from d3qe.config import HeadConfig
+from d3qe_serve.d3qe.attention import attention_weights, freq_biased_attention
+from d3qe_serve.d3qe.config import HeadConfig
 
 
 class FreqBiasedBlock(nn.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d3qe.clip import CLIPBranch
-from d3qe.config import FREQ_BIAS_MODES, D3QEConfig
-from d3qe.d3at import D3AT
-from d3qe.vq import VQModel
+from d3qe_serve.d3qe.clip import CLIPBranch
+from d3qe_serve.d3qe.config import FREQ_BIAS_MODES, D3QEConfig
+from d3qe_serve.d3qe.d3at import D3AT
+from d3qe_serve.d3qe.vq import VQModel
 
 
 class D3QE(nn.Module):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from d3qe import D3QE
-from d3qe.config import D3QEConfig
+from d3qe_serve.d3qe import D3QE
+from d3qe_serve.d3qe.config import D3QEConfig
 
 BATCH = "batch"  # the symbolic batch axis, axis 0 of every tensor
 OPSET = 18  # export/onnx_attention.py writes opset-18 onnxscript

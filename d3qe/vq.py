@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3qe.config import VQConfig
+from d3qe_serve.d3qe.config import VQConfig
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from d3qe.preprocess import MIN_SIDE
+from d3qe_serve.d3qe.preprocess import MIN_SIDE
 
 # (corpus name, file in skimage/data); each ships in the wheel, so reading it needs no network.
 PHOTOS = (

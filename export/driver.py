@@ -11,15 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from d3qe import D3QE, CheckpointError, ImageError
-from d3qe.parts import PartSpec, eager_tensors, part_specs
-from export.validate import TOLERANCES, ValidationError, validate_chain, validate_part, validation_pixels
-from serving.host import machine, tool_versions
-from serving.inprocess import add_weight_arguments, detector_from_args
-from serving.manifest import Manifest, PartEntry, TensorEntry, checkpoint_record, sha256_file
-from serving.repository import write_repository
-from serving.runtimes import TORCH_DTYPES, runner_for
-from serving.server import DEFAULT_REPOSITORY
+from d3qe_serve.d3qe import D3QE, CheckpointError, ImageError
+from d3qe_serve.d3qe.parts import PartSpec, eager_tensors, part_specs
+from d3qe_serve.export.validate import TOLERANCES, ValidationError, validate_chain, validate_part, validation_pixels
+from d3qe_serve.serving.host import machine, tool_versions
+from d3qe_serve.serving.inprocess import add_weight_arguments, detector_from_args
+from d3qe_serve.serving.manifest import Manifest, PartEntry, TensorEntry, checkpoint_record, sha256_file
+from d3qe_serve.serving.repository import write_repository
+from d3qe_serve.serving.runtimes import TORCH_DTYPES, runner_for
+from d3qe_serve.serving.server import DEFAULT_REPOSITORY
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -65,19 +65,19 @@ def _write_artifact(
     spec: PartSpec, model: D3QE, out_dir: Path, runtime: str, precision: str, max_batch: int, plugin: bool
 ) -> tuple[Path, dict]:
     """Write one part's artifact; returns its path and the runtime-specific fields of its manifest entry."""
-    from export.onnx_export import export_onnx
+    from d3qe_serve.export.onnx_export import export_onnx
 
     path = out_dir / spec.name / VERSION / ARTIFACTS[runtime]
     path.parent.mkdir(parents=True, exist_ok=True)
     extra: dict = {}
     if runtime == "torch":
-        from export.torch_part import save_torch_part
+        from d3qe_serve.export.torch_part import save_torch_part
 
         save_torch_part(spec, model, path, TORCH_DTYPES[precision])
         return path, extra
     extra["opset"] = spec.opset
     if runtime == "onnxruntime" and precision == "int8":
-        from export.quantize import quantize_int8
+        from d3qe_serve.export.quantize import quantize_int8
 
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             fp32 = Path(tmp) / "model.onnx"
@@ -87,7 +87,7 @@ def _write_artifact(
     elif runtime == "onnxruntime":
         export_onnx(spec, model, path, max_batch, TORCH_DTYPES[precision])
     else:
-        from export.tensorrt import build_engine
+        from d3qe_serve.export.tensorrt import build_engine
 
         build_dir = out_dir / spec.name / "tensorrt"  # Triton reads only the numbered version folders
         source = build_dir / "model.onnx"

@@ -9,9 +9,9 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
 
-from d3qe import D3QE
-from d3qe.parts import PartSpec
-from export import onnx_attention
+from d3qe_serve.d3qe import D3QE
+from d3qe_serve.d3qe.parts import PartSpec
+from d3qe_serve.export import onnx_attention
 
 TRACE_BATCH = 2  # a batch that is neither 0 nor 1, so the exporter keeps the axis symbolic
 PROTOBUF_LIMIT = 2**31  # an ONNX file holds at most 2 GiB; bigger weights go to external data

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from d3qe.parts import PartSpec
+from d3qe_serve.d3qe.parts import PartSpec
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"  # written by torch.onnx.export(dynamo=True) on every node
 INT8_OP_TYPES = ("MatMul", "Gemm")

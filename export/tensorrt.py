@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d3qe.parts import PartSpec
+from d3qe_serve.d3qe.parts import PartSpec
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -28,7 +28,7 @@ def build_engine(
     import tensorrt as trt
 
     if plugin:
-        import export.tensorrt_plugin  # noqa: F401  (registers d3qe::FreqBiasedAttention with TensorRT)
+        import d3qe_serve.export.tensorrt_plugin  # noqa: F401  (registers d3qe::FreqBiasedAttention with TensorRT)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -16,8 +16,8 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 import torch
 
-from d3qe.attention_kernel import aot_ptx, compile_kernel, configs_for
-from export.onnx_attention import PLUGIN_NAME, PLUGIN_NAMESPACE
+from d3qe_serve.d3qe.attention_kernel import aot_ptx, compile_kernel, configs_for
+from d3qe_serve.export.onnx_attention import PLUGIN_NAME, PLUGIN_NAMESPACE
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 TORCH_DTYPES = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}

@@ -10,8 +10,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from d3qe import D3QE
-from d3qe.parts import PartSpec
+from d3qe_serve.d3qe import D3QE
+from d3qe_serve.d3qe.parts import PartSpec
 
 
 def save_torch_part(spec: PartSpec, model: D3QE, path: Path, dtype: torch.dtype) -> None:

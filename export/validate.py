@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d3qe import preprocess
-from d3qe.parts import PartSpec
+from d3qe_serve.d3qe import preprocess
+from d3qe_serve.d3qe.parts import PartSpec
 
 POOL = 8
 BATCHES = (1, 3, 8)
@@ -118,7 +118,7 @@ def synthetic_pixels(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def validation_pixels(images: Sequence[Path]) -> tuple[torch.Tensor, list[str]]:
     """The fixed validation pool of `POOL` images: `images` first, then a spread sample of the fidelity corpus."""
-    from export.corpus import corpus
+    from d3qe_serve.export.corpus import corpus
 
     if len(images) > POOL:
         raise ValueError(f"at most {POOL} validation images, got {len(images)}")

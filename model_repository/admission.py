@@ -17,7 +17,7 @@ import re
 
 import triton_python_backend_utils as pb_utils
 
-from serving.model_params import GateParameters
+from d3qe_serve.serving.model_params import GateParameters
 
 
 class TritonPythonModel:

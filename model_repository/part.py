@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import triton_python_backend_utils as pb_utils
 
-from serving.model_params import PartParameters
-from serving.runtimes import load_part
+from d3qe_serve.serving.model_params import PartParameters
+from d3qe_serve.serving.runtimes import load_part
 
 
 class TritonPythonModel:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from d3qe import ImageError, preprocess
-from serving.model_params import PreprocessParameters
+from d3qe_serve.d3qe import ImageError, preprocess
+from d3qe_serve.serving.model_params import PreprocessParameters
 
 
 def _pixels(name: str, images: np.ndarray) -> np.ndarray:

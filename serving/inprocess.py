@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.results import DEFAULT_THRESHOLD, InProcessRuntime, Item, Scorer, ScoreResult
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, InProcessRuntime, Item, Scorer, ScoreResult
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from d3qe import D3QE
-    from serving.runtimes import PartRunner
+    from d3qe_serve.d3qe import D3QE
+    from d3qe_serve.serving.runtimes import PartRunner
 
 
 def add_weight_arguments(p: argparse.ArgumentParser, role: str = "") -> None:
@@ -45,7 +45,7 @@ def add_weight_arguments(p: argparse.ArgumentParser, role: str = "") -> None:
 
 
 def detector_from_args(args: argparse.Namespace) -> D3QE:
-    from d3qe import load_detector
+    from d3qe_serve.d3qe import load_detector
 
     return load_detector(
         args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
@@ -59,7 +59,7 @@ def _score_in_batches(
     an image that fails to load is reported and its batch goes on."""
     import torch
 
-    from d3qe import ImageError, preprocess
+    from d3qe_serve.d3qe import ImageError, preprocess
 
     def run(batch: list[tuple[str, torch.Tensor]]) -> Iterator[ScoreResult]:
         logits = forward(torch.stack([t for _, t in batch]))
@@ -99,15 +99,15 @@ def load_exported(
 ) -> dict[str, PartRunner]:
     """The runners of the parts the scoring ensemble chains (`d3qe.parts.PART_NAMES`), each artifact checked
     against the manifest (`serving.runtimes.load_part`; `compile`: torch-runtime parts compiled)."""
-    from d3qe.parts import PART_NAMES
-    from serving.runtimes import load_part
+    from d3qe_serve.d3qe.parts import PART_NAMES
+    from d3qe_serve.serving.runtimes import load_part
 
     return {part: load_part(Path(repo), part, device, threads, compile) for part in PART_NAMES}
 
 
 def run_parts(runners: Mapping[str, PartRunner], pixels: np.ndarray) -> dict[str, np.ndarray]:
     """PIXELS through vq_encoder and clip_visual into d3qe_head, as the ensemble wires them: every tensor."""
-    from d3qe.parts import PART_NAMES
+    from d3qe_serve.d3qe.parts import PART_NAMES
 
     tensors = {"PIXELS": pixels}
     for part in PART_NAMES:
@@ -157,8 +157,8 @@ def _add_exported_arguments(p: argparse.ArgumentParser) -> None:
 def _open_exported(args: argparse.Namespace) -> Iterator[Scorer]:
     if any(importlib.util.find_spec(m) is None for m in ("torch", "onnxruntime")):
         raise SystemExit("d3qe: --runtime exported runs the exported parts here: pip install 'd3qe-serve[serve]'")
-    from serving.manifest import ManifestError
-    from serving.server import DEFAULT_REPOSITORY
+    from d3qe_serve.serving.manifest import ManifestError
+    from d3qe_serve.serving.server import DEFAULT_REPOSITORY
 
     try:
         runners = load_exported(args.repo or DEFAULT_REPOSITORY, args.device, args.threads)

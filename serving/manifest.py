@@ -102,7 +102,7 @@ class Manifest:
 
     def d3qe_config(self) -> Any:
         """The architecture as `d3qe.config.D3QEConfig` (imported here: reading a manifest needs no torch)."""
-        from d3qe.config import D3QEConfig
+        from d3qe_serve.d3qe.config import D3QEConfig
 
         return D3QEConfig.from_json(self.config)
 

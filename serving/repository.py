@@ -42,11 +42,11 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
-from d3qe.parts import EVIDENCE, PART_NAMES
-from serving.manifest import Manifest, PartEntry, TensorEntry
-from serving.model_params import GateParameters, PartParameters, PreprocessParameters
+from d3qe_serve.d3qe.parts import EVIDENCE, PART_NAMES
+from d3qe_serve.serving.manifest import Manifest, PartEntry, TensorEntry
+from d3qe_serve.serving.model_params import GateParameters, PartParameters, PreprocessParameters
 
-MODELS_PACKAGE = "model_repository"  # its modules are the python-backend models, shipped as package code
+MODELS_PACKAGE = "d3qe_serve.model_repository"  # its modules are the python-backend models, shipped as package code
 VERSION = "1"
 NATIVE_CONFIG_NAME = "native"
 NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.manifest import Manifest, PartEntry
+from d3qe_serve.serving.manifest import Manifest, PartEntry
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -177,8 +177,8 @@ class TorchRunner(PartRunner):
     ) -> None:
         import safetensors.torch
 
-        from d3qe import D3QE
-        from d3qe.parts import part_specs
+        from d3qe_serve.d3qe import D3QE
+        from d3qe_serve.d3qe.parts import part_specs
 
         entry = manifest.parts[part]
         super().__init__(part, entry)

@@ -48,7 +48,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
-from serving.grpc_front import GrpcFront
+from d3qe_serve.serving.grpc_front import GrpcFront
 
 # Where `d3qe export` writes and `d3qe serve` reads, relative to the working directory (`build/` is the
 # checkout's ignored folder; the package `model_repository/` holds the models' code, not an export).

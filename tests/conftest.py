@@ -45,7 +45,7 @@ def tiny_vq_checkpoint(tiny_state, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     """The fixture checkpoint exported by `d3qe export` (ONNX Runtime fp32): a complete Triton repository."""
-    from cli.main import main
+    from d3qe_serve.cli.main import main
 
     out = tmp_path_factory.mktemp("export") / "model_repository"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
@@ -58,7 +58,7 @@ def tiny_server(tiny_repository, tmp_path_factory):
 
     Shared memory is on (off by default) for the client's shared-memory tests.
     """
-    from serving.server import TritonServer, free_endpoints
+    from d3qe_serve.serving.server import TritonServer, free_endpoints
 
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
     with (

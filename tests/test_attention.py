@@ -20,10 +20,10 @@ import torch.nn.functional as F
 import triton
 from triton.backends.compiler import GPUTarget
 
-from d3qe import attention_kernel
-from d3qe.attention import check_inputs, freq_biased_attention, freq_biased_attention_math
-from d3qe.d3at import FreqBiasedBlock
-from export.onnx_attention import PLUGIN_NAME, PLUGIN_NAMESPACE, translation_table
+from d3qe_serve.d3qe import attention_kernel
+from d3qe_serve.d3qe.attention import check_inputs, freq_biased_attention, freq_biased_attention_math
+from d3qe_serve.d3qe.d3at import FreqBiasedBlock
+from d3qe_serve.export.onnx_attention import PLUGIN_NAME, PLUGIN_NAMESPACE, translation_table
 
 REPO = Path(__file__).resolve().parents[1]
 HEADS, DIM = 8, 64
@@ -92,7 +92,7 @@ def test_bias_changes_the_output():
 
 INTERPRETED = """
 import sys, torch
-from d3qe.attention_kernel import KernelConfig, freq_biased_attention_triton
+from d3qe_serve.d3qe.attention_kernel import KernelConfig, freq_biased_attention_triton
 cases = torch.load(sys.argv[1], weights_only=True)
 run = {name: freq_biased_attention_triton(*c["inputs"], config=KernelConfig(*c["config"])) for name, c in cases.items()}
 torch.save(run, sys.argv[2])
@@ -359,7 +359,7 @@ def test_cuda_op_runs_the_kernel(dtype, tol, length):
 def test_tensorrt_plugin_engine_matches_math(tmp_path):
     import tensorrt as trt
 
-    import export.tensorrt_plugin  # noqa: F401  (registers the plugin)
+    import d3qe_serve.export.tensorrt_plugin  # noqa: F401  (registers the plugin)
 
     path = tmp_path / "attention_plugin.onnx"
     _export(path, plugin=True)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.bench import synthetic_images, timed_batches
-from cli.main import main
-from d3qe import preprocess
+from d3qe_serve.benchmarks.bench import synthetic_images, timed_batches
+from d3qe_serve.cli.main import main
+from d3qe_serve.d3qe import preprocess
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

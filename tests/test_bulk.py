@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cli.bulk import output_schema
-from cli.main import main
-from serving.manifest import MANIFEST, Manifest, sha256_file
+from d3qe_serve.cli.bulk import output_schema
+from d3qe_serve.cli.main import main
+from d3qe_serve.serving.manifest import MANIFEST, Manifest, sha256_file
 from tests.helpers import LOGIT_TOL
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import d3qe
-from d3qe.config import PRESETS, config_from_state_dict
+from d3qe_serve import d3qe
+from d3qe_serve.d3qe.config import PRESETS, config_from_state_dict
 
 
 def test_sizes_inferred_from_fixture_equal_tiny_preset(tiny_state):

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 
-from cli.main import main
+from d3qe_serve.cli.main import main
 from tests.helpers import LOGIT_TOL
 
 

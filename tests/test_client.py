@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.main import main
-from client.grpc_client import (
+from d3qe_serve.cli.main import main
+from d3qe_serve.client.grpc_client import (
     AsyncD3QEClient,
     D3QEClient,
     ModelMismatchError,
     RetryPolicy,
     ServerNotReadyError,
 )
-from serving.server import TritonServer, free_endpoints
+from d3qe_serve.serving.server import TritonServer, free_endpoints
 from tests.helpers import LOGIT_TOL
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import d3qe
-from d3qe.preprocess import MAX_PIXELS, MIN_SIDE
-from export.corpus import CorpusItem, corpus, corpus_digest, write_corpus
+from d3qe_serve import d3qe
+from d3qe_serve.d3qe.preprocess import MAX_PIXELS, MIN_SIDE
+from d3qe_serve.export.corpus import CorpusItem, corpus, corpus_digest, write_corpus
 
 KINDS = {"photo", "crop", "rescale", "rotate", "jpeg", "webp", "mode", "synthetic"}
 ROOT = Path(__file__).resolve().parent.parent

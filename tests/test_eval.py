@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from cli.main import main
-from client.eval import compute_metrics, crop, discover, jpeg
-from client.results import ScoreResult
+from d3qe_serve.cli.main import main
+from d3qe_serve.client.eval import compute_metrics, crop, discover, jpeg
+from d3qe_serve.client.results import ScoreResult
 
 # The fixture's images as a two-generator test set: name → (generator, class folder).
 LAYOUT = {

@@ -14,19 +14,19 @@ import torch
 import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import json_format, text_format
 
-import d3qe
-from cli.main import main
-from d3qe.parts import PART_NAMES, part_specs
-from export.corpus import corpus
-from export.driver import export_repository
-from export.onnx_export import export_onnx
-from export.quantize import nodes_in_scopes, quantize_int8
-from export.validate import TOLERANCES, ValidationError
-from serving.inprocess import run_parts
-from serving.manifest import Manifest, ManifestError, sha256_file
-from serving.model_params import PartParameters
-from serving.repository import write_repository
-from serving.runtimes import MissingProviderError, OnnxRuntimeRunner, load_part
+from d3qe_serve import d3qe
+from d3qe_serve.cli.main import main
+from d3qe_serve.d3qe.parts import PART_NAMES, part_specs
+from d3qe_serve.export.corpus import corpus
+from d3qe_serve.export.driver import export_repository
+from d3qe_serve.export.onnx_export import export_onnx
+from d3qe_serve.export.quantize import nodes_in_scopes, quantize_int8
+from d3qe_serve.export.validate import TOLERANCES, ValidationError
+from d3qe_serve.serving.inprocess import run_parts
+from d3qe_serve.serving.manifest import Manifest, ManifestError, sha256_file
+from d3qe_serve.serving.model_params import PartParameters
+from d3qe_serve.serving.repository import write_repository
+from d3qe_serve.serving.runtimes import MissingProviderError, OnnxRuntimeRunner, load_part
 from tests.helpers import LOGIT_TOL
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import d3qe
-from benchmarks.fidelity import Config, eager_config, measure, repo_config
-from export.corpus import corpus
-from export.validate import TOLERANCES
-from serving.manifest import Manifest
+from d3qe_serve import d3qe
+from d3qe_serve.benchmarks.fidelity import Config, eager_config, measure, repo_config
+from d3qe_serve.export.corpus import corpus
+from d3qe_serve.export.validate import TOLERANCES
+from d3qe_serve.serving.manifest import Manifest
 
 SLICE = 12
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import d3qe
+from d3qe_serve import d3qe
 from tests.helpers import LOGIT_TOL
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_carry
-from serving.server import find_tritonserver, server_environment
+from d3qe_serve.benchmarks import gpu_carry
+from d3qe_serve.serving.server import find_tritonserver, server_environment
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [

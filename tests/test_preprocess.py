@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import d3qe
-from d3qe.preprocess import MAX_PIXELS
+from d3qe_serve import d3qe
+from d3qe_serve.d3qe.preprocess import MAX_PIXELS
 from tests.helpers import png_header_only
 
 

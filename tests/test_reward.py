@@ -13,8 +13,8 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from client.grpc_client import D3QEClient
-from client.reward import AsyncD3QEReward, D3QEReward, rgb_images
+from d3qe_serve.client.grpc_client import D3QEClient
+from d3qe_serve.client.reward import AsyncD3QEReward, D3QEReward, rgb_images
 from tests.helpers import LOGIT_TOL
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

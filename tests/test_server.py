@@ -24,12 +24,12 @@ import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from cli.main import main
-from client.grpc_client import D3QEClient
-from d3qe.parts import PART_NAMES as PARTS
-from serving.manifest import Manifest
-from serving.repository import write_repository
-from serving.server import (
+from d3qe_serve.cli.main import main
+from d3qe_serve.client.grpc_client import D3QEClient
+from d3qe_serve.d3qe.parts import PART_NAMES as PARTS
+from d3qe_serve.serving.manifest import Manifest
+from d3qe_serve.serving.repository import write_repository
+from d3qe_serve.serving.server import (
     ServerError,
     TritonServer,
     free_endpoints,
@@ -200,7 +200,7 @@ def test_serve_command_starts_answers_and_stops_cleanly(tiny_repository, tmp_pat
     args = ["--model-repository", str(repo), "--grpc-port", str(e.grpc_port)]
     args += ["--http-port", str(e.http_port), "--metrics-port", str(e.metrics_port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", *args],
+        [sys.executable, "-m", "d3qe_serve.cli.main", "serve", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

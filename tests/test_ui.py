@@ -20,8 +20,8 @@ import requests
 import torch
 from PIL import Image, ImageOps
 
-from d3qe import load_detector, preprocess
-from serving.server import free_ports
+from d3qe_serve.d3qe import load_detector, preprocess
+from d3qe_serve.serving.server import free_ports
 from tests.helpers import LOGIT_TOL, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,16 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 def page(tiny_server):
     """`d3qe ui` in a process of its own, as a user starts it; its base URL."""
     port = free_ports("127.0.0.1", 1)[0]
-    cmd = [sys.executable, "-m", "cli.main", "ui", "--url", tiny_server.endpoints.grpc_url, "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "d3qe_serve.cli.main",
+        "ui",
+        "--url",
+        tiny_server.endpoints.grpc_url,
+        "--port",
+        str(port),
+    ]
     cmd += ["--max-file-mb", "1", "--max-files", "12"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}/"
@@ -71,7 +80,16 @@ def files(fixture_images, tmp_path_factory) -> dict[str, Path]:
 def scored(tiny_server, files) -> dict[str, dict]:
     """What `d3qe score --json` prints for the same images, through the same server."""
     images = [str(p) for name, p in files.items() if not name.endswith(".mkv")]
-    cmd = [sys.executable, "-m", "cli.main", "score", "--url", tiny_server.endpoints.grpc_url, "--json", *images]
+    cmd = [
+        sys.executable,
+        "-m",
+        "d3qe_serve.cli.main",
+        "score",
+        "--url",
+        tiny_server.endpoints.grpc_url,
+        "--json",
+        *images,
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
     return {Path(r["source"]).name: r for r in map(json.loads, out.splitlines())}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cli.main import main
-from client.grpc_client import D3QEClient
-from client.video import SpanRule, VideoError, decode_frames, fake_periods, score_video, top_mean
+from d3qe_serve.cli.main import main
+from d3qe_serve.client.grpc_client import D3QEClient
+from d3qe_serve.client.video import SpanRule, VideoError, decode_frames, fake_periods, score_video, top_mean
 from tests.helpers import LOGIT_TOL, write_video
 
 av = pytest.importorskip("av")
@@ -204,7 +204,7 @@ def test_score_runs_videos_in_process_with_runtime_eager(alone, frames, tiny_che
 
 def test_the_frame_limits_are_the_models():
     """client.video restates d3qe.preprocess's limits (importing them would import torch): they must agree."""
-    from client import video
-    from d3qe.preprocess import MAX_PIXELS, MIN_SIDE
+    from d3qe_serve.client import video
+    from d3qe_serve.d3qe.preprocess import MAX_PIXELS, MIN_SIDE
 
     assert (video.MAX_PIXELS, video.MIN_SIDE) == (MAX_PIXELS, MIN_SIDE)

@@ -33,10 +33,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from tritonclient.utils import InferenceServerException
 
-from client.evidence import EVIDENCE_MODEL, EvidenceError
-from client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ServerNotReadyError
-from client.results import DEFAULT_THRESHOLD
-from client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoError, VideoResult, score_video
+from d3qe_serve.client.evidence import EVIDENCE_MODEL, EvidenceError
+from d3qe_serve.client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ServerNotReadyError
+from d3qe_serve.client.results import DEFAULT_THRESHOLD
+from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoError, VideoResult, score_video
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = "127.0.0.1"
