@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL, D3QEClient, ServerNotReadyError
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
 from d3qe_serve.client.score import expand_paths
+from d3qe_serve.errors import BulkError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -65,10 +66,6 @@ def output_schema() -> pa.Schema:
             ("manifest_id", pa.string()),  # serving.manifest.Manifest.id; null from a server that does not say
         ]
     )
-
-
-class BulkError(RuntimeError):
-    """An input, output or target this command cannot use; its message names the problem."""
 
 
 @dataclass(frozen=True)

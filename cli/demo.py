@@ -75,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     from d3qe_serve.client.grpc_client import D3QEClient
     from d3qe_serve.client.score import expand_paths
     from d3qe_serve.d3qe import CheckpointError
+    from d3qe_serve.errors import ValidationError
     from d3qe_serve.export.driver import export_repository
-    from d3qe_serve.export.validate import TOLERANCES, ValidationError
+    from d3qe_serve.export.validate import TOLERANCES
     from d3qe_serve.serving.inprocess import score_eager
     from d3qe_serve.serving.repository import write_repository
 

@@ -11,6 +11,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from d3qe_serve.errors import D3QEServeError, InputError, MissingDependencyError, NotFoundError
+
 
 @dataclass(frozen=True)
 class Command:
@@ -83,7 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         extra["in_process"] = [EAGER, EXPORTED]
     module.add_arguments(parsers[chosen], **extra)
     args = parser.parse_args(argv)
-    return module.run(args, **extra)
+    try:
+        return module.run(args, **extra)
+    except D3QEServeError as e:
+        print(f"d3qe {chosen}: {e}", file=sys.stderr)
+        return exit_code(e)
+
+
+def exit_code(error: D3QEServeError) -> int:
+    """The one mapping of errors to exit codes: 2 for what the caller can fix (input, a missing file or
+    dependency), 1 for a step that failed."""
+    return 2 if isinstance(error, (InputError, NotFoundError, MissingDependencyError)) else 1
 
 
 if __name__ == "__main__":

@@ -15,15 +15,12 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, ScoreResult
+from d3qe_serve.errors import EvidenceError
 
 EVIDENCE_MODEL = "d3qe_evidence"
 MAPS = ("ERROR_MAP", "ATTENTION")  # [16, 16] each
 TOKENS = ("INDICES", "REAL_FREQ", "FAKE_FREQ")  # [256] each
 OUTPUTS = ("LOGIT", "PROB", *MAPS, *TOKENS)
-
-
-class EvidenceError(ValueError):
-    """The server could not give the evidence for an image; the message names the image and the problem."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor, 
 
 from d3qe_serve.client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, ScoreResult
+from d3qe_serve.errors import ModelMismatchError, ServerNotReadyError
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_MODEL = "d3qe"
@@ -47,14 +48,6 @@ INPUT_TYPES = {IMAGE: "BYTES", RGB: "UINT8"}  # the image inputs this client sen
 RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
 # Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.
 BATCH_WIDE_STATUS = {"StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
-
-
-class ServerNotReadyError(RuntimeError):
-    """The server or the model did not become ready in time."""
-
-
-class ModelMismatchError(RuntimeError):
-    """The served model does not have a `d3qe` interface (IMAGE BYTES or RGB UINT8 → LOGIT, PROB FP32)."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from d3qe_serve.client.grpc_client import D3QEClient
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer
+from d3qe_serve.errors import VideoError
 
 VIDEO_MODEL = "d3qe_rgb"  # the server's entrance for decoded pixels
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi"}
@@ -58,10 +59,6 @@ HIGH, LOW, MIN_DURATION, WINDOW = 0.6, 0.4, 1.0, 3  # fake_periods' defaults
 
 # A frame in memory: its time in seconds and its uint8 RGB pixels [H, W, 3].
 Frame = tuple[float, np.ndarray]
-
-
-class VideoError(ValueError):
-    """A video that cannot be scored; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 
 from d3qe_serve.d3qe.config import PRESETS, D3QEConfig, config_from_state_dict
 from d3qe_serve.d3qe.detector import D3QE
+from d3qe_serve.errors import CheckpointError
 
 # Keys of the upstream checkpoint that inference never reads.
 _UNUSED_PREFIXES = (
@@ -21,10 +22,6 @@ _UNUSED_PREFIXES = (
 )
 _VQ_PREFIX = "vq_model."
 _SAFETENSORS_FORMAT = "d3qe-inference"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not hold what inference needs."""
 
 
 def _unused(key: str) -> bool:

@@ -11,6 +11,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 
+from d3qe_serve.errors import ImageError
+
 INPUT_SIZE = 256
 # Limits for untrusted uploads: a 50-megapixel decode is ~150 MB of RGB; the minimum side rejects
 # images too small to carry any evidence (a 1×1 upscaled to 256×256 is a flat colour).
@@ -20,10 +22,6 @@ MIN_SIDE = 16
 
 # A path, encoded bytes, a PIL image, or decoded RGB pixels: a uint8 array [H, W, 3].
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
-
-
-class ImageError(ValueError):
-    """An image that cannot be scored: empty, undecodable, truncated, too large or too small."""
 
 
 def _from_pixels(rgb: np.ndarray) -> Image.Image:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from d3qe_serve.d3qe import D3QE, CheckpointError, ImageError
 from d3qe_serve.d3qe.parts import PartSpec, eager_tensors, part_specs
-from d3qe_serve.export.validate import TOLERANCES, ValidationError, validate_chain, validate_part, validation_pixels
+from d3qe_serve.errors import UnsupportedError, ValidationError
+from d3qe_serve.export.validate import TOLERANCES, validate_chain, validate_part, validation_pixels
 from d3qe_serve.serving.host import machine, tool_versions
 from d3qe_serve.serving.inprocess import add_weight_arguments, detector_from_args
 from d3qe_serve.serving.manifest import Manifest, PartEntry, TensorEntry, checkpoint_record, sha256_file
@@ -33,10 +34,6 @@ UNSUPPORTED = {
     ("tensorrt", "int8"): "TensorRT int8 needs explicit Q/DQ calibration, which this export does not write",
     ("torch", "int8"): "the torch runtime runs fp32, fp16 or bf16 modules; int8 is offered for onnxruntime",
 }
-
-
-class UnsupportedError(ValueError):
-    pass
 
 
 def check_supported(runtime: str, precision: str, device: str, plugin: bool = False, compile: bool = False) -> None:

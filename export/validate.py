@@ -76,10 +76,6 @@ TOLERANCES = {
 }
 
 
-class ValidationError(RuntimeError):
-    """An exported artifact disagrees with the eager model beyond its precision's tolerance."""
-
-
 def token_ties(
     residual: np.ndarray,
     indices: np.ndarray,

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d3qe_serve.errors import ManifestError
+
 MANIFEST = "manifest.json"
 FORMAT = "d3qe-export/1"
-
-
-class ManifestError(ValueError):
-    """A manifest that is missing, of another format, or whose fields are not what this version writes."""
 
 
 def sha256_file(path: Path) -> str:

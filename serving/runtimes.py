@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d3qe_serve.errors import MissingProviderError
 from d3qe_serve.serving.manifest import Manifest, PartEntry
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,10 +91,6 @@ class PartRunner:
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
-
-
-class MissingProviderError(RuntimeError):
-    """A GPU was asked for and the installed runtime cannot use one: an error, never a silent CPU run."""
 
 
 class OnnxRuntimeRunner(PartRunner):

@@ -48,6 +48,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO
 
+from d3qe_serve.errors import ServerError
 from d3qe_serve.serving.grpc_front import GrpcFront
 
 # Where `d3qe export` writes and `d3qe serve` reads, relative to the working directory (`build/` is the
@@ -62,10 +63,6 @@ SHM_DIR = Path("/dev/shm")
 DEFAULT_MAX_REQUEST_BYTES = 128 << 20
 # Server APIs a client of this service never needs; `shared-memory` too unless asked for (see above).
 RESTRICTED_APIS = ("model-repository", "logging", "trace")
-
-
-class ServerError(RuntimeError):
-    """The server could not be found, prepared or started; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from google.protobuf import json_format, text_format
 from d3qe_serve import d3qe
 from d3qe_serve.cli.main import main
 from d3qe_serve.d3qe.parts import PART_NAMES, part_specs
+from d3qe_serve.errors import ValidationError
 from d3qe_serve.export.corpus import corpus
 from d3qe_serve.export.driver import export_repository
 from d3qe_serve.export.onnx_export import export_onnx
 from d3qe_serve.export.quantize import nodes_in_scopes, quantize_int8
-from d3qe_serve.export.validate import TOLERANCES, ValidationError
+from d3qe_serve.export.validate import TOLERANCES
 from d3qe_serve.serving.inprocess import run_parts
 from d3qe_serve.serving.manifest import Manifest, ManifestError, sha256_file
 from d3qe_serve.serving.model_params import PartParameters
