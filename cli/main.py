@@ -1,7 +1,8 @@
-"""The `d3qe` command: one subcommand per tier's module, imported only when it is the one asked for.
+"""The `d3qe` command: each subcommand a module of `cli/` (its options, mapped onto library calls), imported
+only when it is the one asked for.
 
-`d3qe --help` imports none of them, and `d3qe score --url …` imports the client alone (no torch):
-the in-process runtimes `score` and `eval` offer are handed to them from here, the top tier.
+`d3qe --help` imports none of them, and `d3qe score --url …` imports the client alone (no torch). Errors
+raised by the libraries (`d3qe_serve.errors`) become a message and an exit code here, in one place.
 """
 
 from __future__ import annotations
@@ -16,43 +17,39 @@ from d3qe_serve.errors import D3QEServeError, InputError, MissingDependencyError
 
 @dataclass(frozen=True)
 class Command:
-    module: str  # under ROOT; holds add_arguments(parser[, in_process]) and run(args[, in_process])
+    module: str  # under ROOT.cli: holds add_arguments(parser) and run(args) -> exit code
     help: str
-    extra: str | None = None  # the pyproject extra that installs what the module imports (None: the client's)
-    in_process: bool = False  # offers the in-process runtimes (serving.inprocess.EAGER, EXPORTED) beside the server
+    extra: str | None = None  # the pyproject extra that installs what the command imports (None: the client's)
 
 
 ROOT = "d3qe_serve"  # the one import package; the tiers are its subpackages
+MAINTAINERS = "(maintainers) "
 COMMANDS = {
-    "score": Command("client.score", "score images and videos: logit, probability, verdict", in_process=True),
+    "score": Command("score", "score images and videos: logit, probability, verdict"),
     "eval": Command(
-        "client.eval",
-        "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps",
-        in_process=True,
-        extra="eval",
+        "eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", "eval"
     ),
-    "export": Command(
-        "export.driver", "export the model to validated ONNX Runtime / TensorRT / torch artifacts", "export"
-    ),
-    "serve": Command(
-        "serving.server", "run the Triton server on an exported model repository (foreground, loopback)", "serve"
-    ),
+    "export": Command("export", "export the model to validated ONNX Runtime / TensorRT / torch artifacts", "export"),
+    "serve": Command("serve", "run the Triton server on an exported model repository (foreground, loopback)", "serve"),
     "bulk": Command(
-        "cli.bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset", "bulk"
+        "bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset", "bulk"
     ),
-    "demo": Command("cli.demo", "export, serve, score sample images over gRPC next to the eager model, stop", "export"),
-    "bench": Command(
-        "benchmarks.bench", "images/s, latency and parity: eager vs exported runtimes vs Triton", "export"
-    ),
+    "demo": Command("demo", "export, serve, score sample images over gRPC next to the eager model, stop", "export"),
+    "ui": Command("ui", "a review page on loopback: drop images and videos, see scores, timelines and evidence", "ui"),
+    "bench": Command("bench", "images/s, latency and parity: eager vs exported runtimes vs Triton", "export"),
     "fidelity": Command(
-        "benchmarks.fidelity", "what each runtime and precision does to the scores, on the fidelity corpus", "export"
+        "fidelity", "what each runtime and precision does to the scores, on the fidelity corpus", "export"
     ),
-    "ui": Command(
-        "ui.app", "a review page on loopback: drop images and videos, see scores, timelines and evidence", "ui"
+    "soak": Command("soak", "good and bad requests above capacity for a bounded time: all accounted for", "export"),
+    "bench-attention": Command("bench_attention", MAINTAINERS + "D³AT attention: math vs fused kernel", "export"),
+    "bench-parts": Command("bench_parts", MAINTAINERS + "each exported part's speed and error against eager", "export"),
+    "bench-video": Command("bench_video", MAINTAINERS + "video scoring: frames/s and the timeline", "export"),
+    "bench-reward": Command("bench_reward", MAINTAINERS + "the reward client's scores/s against a server", "export"),
+    "bench-bulk": Command("bench_bulk", MAINTAINERS + "d3qe bulk on Ray Data: images/s and resumption", "bulk"),
+    "gpu-carry": Command(
+        "gpu_carry", MAINTAINERS + "build or unpack what the GPU machine lacks (build/gpu-carry)", "export"
     ),
-    "soak": Command(
-        "benchmarks.soak", "good and bad requests above capacity for a bounded time: all accounted for", "export"
-    ),
+    "gpu-run": Command("gpu_run", MAINTAINERS + "the staged GPU run: validate and measure into $OUT", "export"),
 }
 
 
@@ -68,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = COMMANDS[chosen]
     try:
-        module = importlib.import_module(f"{ROOT}.{command.module}")
+        module = importlib.import_module(f"{ROOT}.cli.{command.module}")
     except ModuleNotFoundError as e:
         if e.name is None or e.name.partition(".")[0] == ROOT:
             raise
@@ -78,15 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    extra = {}
-    if command.in_process:
-        from d3qe_serve.serving.inprocess import EAGER, EXPORTED
-
-        extra["in_process"] = [EAGER, EXPORTED]
-    module.add_arguments(parsers[chosen], **extra)
+    module.add_arguments(parsers[chosen])
     args = parser.parse_args(argv)
     try:
-        return module.run(args, **extra)
+        return module.run(args)
     except D3QEServeError as e:
         print(f"d3qe {chosen}: {e}", file=sys.stderr)
         return exit_code(e)

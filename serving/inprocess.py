@@ -9,10 +9,10 @@ these options costs no start-up time.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,30 +26,24 @@ if TYPE_CHECKING:
     from d3qe_serve.serving.runtimes import PartRunner
 
 
-def add_weight_arguments(p: argparse.ArgumentParser, role: str = "") -> None:
-    """--checkpoint, --vq-checkpoint, --preset, --seed, --freq-bias; `role` prefixes their help ("eager: ")."""
-    p.add_argument(
-        "--checkpoint",
-        help=f"{role}the authors' D³QE .pth, or our .safetensors inference weights "
-        "(default: seeded random weights, whose scores mean nothing)",
-    )
-    p.add_argument("--vq-checkpoint", help=f"{role}LlamaGen's vq_ds16_c2i.pt (replaces the checkpoint's tokenizer)")
-    # Checked by load_detector (d3qe.PRESETS, d3qe.config.FREQ_BIAS_MODES): argparse choices would import torch.
-    p.add_argument("--preset", default="full", help=f"{role}architecture of seeded weights: full or tiny")
-    p.add_argument("--seed", type=int, default=0, help=f"{role}seed of the random weights without a checkpoint")
-    p.add_argument(
-        "--freq-bias",
-        default="reference",
-        help=f"{role}reference: upstream's published behaviour (zero frequency bias); stats: the saved counts",
-    )
+@dataclass(frozen=True)
+class WeightOptions:
+    """Which weights the model gets: the authors' checkpoint (or our safetensors) and LlamaGen's VQ file, else
+    seeded random weights of `preset`; `freq_bias` as `d3qe.load_detector` takes it. Checked by `load_detector`."""
 
+    checkpoint: str | Path | None = None
+    vq_checkpoint: str | Path | None = None
+    preset: str = "full"
+    seed: int = 0
+    freq_bias: str = "reference"
 
-def detector_from_args(args: argparse.Namespace) -> D3QE:
-    from d3qe_serve.d3qe import load_detector
+    def load(self) -> D3QE:
+        """The detector these options name, in eval mode on the CPU."""
+        from d3qe_serve.d3qe import load_detector
 
-    return load_detector(
-        args.checkpoint, args.vq_checkpoint, preset=args.preset, freq_bias=args.freq_bias, seed=args.seed
-    )
+        return load_detector(
+            self.checkpoint, self.vq_checkpoint, preset=self.preset, freq_bias=self.freq_bias, seed=self.seed
+        )
 
 
 def _score_in_batches(
