@@ -7,12 +7,13 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# pyproject.toml says the ranges the code needs; constraints.txt pins the versions this environment is built from.
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch and torchvision first, pinned together (open_clip needs torchvision).
-	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# torch and torchvision first, from the constraints (open_clip needs torchvision; pip finds these two on disk here).
+	$(BIN)/pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 # The review page's test drives Debian's Chromium and its driver (as root, as CI runs; once per machine).
@@ -45,7 +46,7 @@ fidelity: venv
 # What the GPU machine lacks (open_clip, tritonclient, the Triton server, numpy<2), from PyPI, repacked to travel
 # beside the tree in one device run: build/gpu-carry/ (needs the network; prints its size, fails above 60 MiB).
 gpu-carry: venv
-	$(BIN)/python -m d3qe_serve.benchmarks.gpu_carry build
+	$(BIN)/python -m d3qe_serve.cli.main gpu-carry build
 
 # The GPU run, on the GPU machine (no network, no venv): installs build/gpu-carry under /tmp, then validates and
 # measures stage by stage into $$OUT (benchmarks/gpu_run.py; `bash benchmarks/gpu_run.sh --smoke` runs it on a CPU).

@@ -7,19 +7,18 @@
 Time per call (median of torch.utils.benchmark's blocked_autorange), achieved TFLOP/s counting the three
 L×L matmuls (2·B·H·L²·(D + Db + Dv) FLOP, the same count for every method), the speed-up over
 `released` measured in the same run, and each method's max |error| against float64 math. Writes JSON
-and a plot to benchmarks/results/attention-<device>-<dtypes>.{json,png}.
+and a plot to benchmarks/results/attention-<device>-<dtypes>.{json,png} (under the working directory).
 
-    python -m benchmarks.attention                    # CUDA if present (fp16, bf16), else CPU (fp32)
-    python -m benchmarks.attention --device cpu --dtypes fp32
+    d3qe bench-attention                    # CUDA if present (fp16, bf16), else CPU (fp32)
+    d3qe bench-attention --device cpu --dtypes fp32
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
 
-from d3qe_serve.benchmarks import RESULTS, save_figure
+from d3qe_serve.benchmarks import RESULTS, Results, save_figure
 from d3qe_serve.d3qe.attention import freq_biased_attention, freq_biased_attention_math
+from d3qe_serve.errors import InputError
 from d3qe_serve.serving.host import machine, tool_versions
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -112,25 +112,29 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     save_figure(fig, path, title, fontsize=9, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench_attention(
+    *,
+    device: str | None = None,
+    dtypes: Sequence[str] | None = None,
+    batches: Sequence[int] = (1, 8, 64),
+    length: int = 256,
+    heads: int = 8,
+    head_dim: int = 64,
+    min_run_time: float = 2.0,
+    out: Path = RESULTS,
+) -> Results:
+    """Every method at each batch size and dtype on `device` (default: CUDA if present, else the CPU; dtypes
+    default fp16 and bf16 on CUDA, fp32 on the CPU), `min_run_time` seconds of timed calls each; writes
+    attention-<device>-<dtypes>.json and .png to `out`."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: fp16 bf16 on cuda, fp32 on cpu")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed calls per case")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not cuda:
-        p.error("--device cuda: no CUDA device here")
-    dtypes = args.dtypes or (["fp16", "bf16"] if args.device == "cuda" else ["fp32"])
+    device = device or ("cuda" if cuda else "cpu")
+    if device == "cuda" and not cuda:
+        raise InputError("--device cuda: no CUDA device here")
+    dtypes = list(dtypes or (["fp16", "bf16"] if device == "cuda" else ["fp32"]))
 
     load_before = os.getloadavg()[0]  # other work on the machine skews the numbers: record it
-    rows = measure(args.device, dtypes, args.batches, args.heads, args.length, args.head_dim, args.min_run_time)
-    info = machine(args.device) | {
+    rows = measure(device, dtypes, list(batches), heads, length, head_dim, min_run_time)
+    info = machine(device) | {
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "torch_threads": torch.get_num_threads(),
     }
@@ -139,28 +143,27 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": tool_versions(commit=True),
         "machine": info,
-        "shape": {"heads": args.heads, "length": args.length, "head_dim": args.head_dim, "batches": args.batches},
+        "shape": {"heads": heads, "length": length, "head_dim": head_dim, "batches": list(batches)},
         "flop_per_call": "2·B·H·L²·(D + Db + Dv)",
         "fp32_matmul_precision": torch.get_float32_matmul_precision(),
-        "not_run": {} if args.device == "cuda" else {"fused": "the fused Triton kernel runs on CUDA only"},
+        "not_run": {} if device == "cuda" else {"fused": "the fused Triton kernel runs on CUDA only"},
         "results": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention-{args.device}-{'-'.join(dtypes)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"attention-{device}-{'-'.join(dtypes)}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     where = info.get("gpu") or f"{info['cpu']}, {info['torch_threads']} threads"
-    title = f"D³ASA attention, H={args.heads}, L={args.length}, D={args.head_dim}: {where}"
+    title = f"D³ASA attention, H={heads}, L={length}, D={head_dim}: {where}"
     title += "".join(f"\n{name} not run: {why}" for name, why in report["not_run"].items())
-    plot(stem.with_suffix(".png"), rows, title)
-    for r in rows:
-        print(
-            f"{r['dtype']} B={r['batch']:>3} {r['method']:<12} {r['ms_per_call']:9.3f} ms  "
-            f"{r['tflop_per_s']:7.4f} TFLOP/s  ×{r['speedup_vs_released']:.2f} vs released  "
-            f"err {r['max_abs_error_vs_float64']:.1e}"
-        )
-    print(f"wrote {stem}.json and {stem}.png")
-    return 0
+    plot(out / f"{stem}.png", rows, title)
+    return Results.written(report, out, f"{stem}.json", f"{stem}.png")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def summary_lines(report: dict) -> list[str]:
+    """One line per measurement: time per call, TFLOP/s, speed-up over `released` and error."""
+    return [
+        f"{r['dtype']} B={r['batch']:>3} {r['method']:<12} {r['ms_per_call']:9.3f} ms  "
+        f"{r['tflop_per_s']:7.4f} TFLOP/s  ×{r['speedup_vs_released']:.2f} vs released  "
+        f"err {r['max_abs_error_vs_float64']:.1e}"
+        for r in report["results"]
+    ]

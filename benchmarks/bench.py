@@ -4,12 +4,11 @@ Every configuration scores the same encoded images from bytes (decode and prepro
 images/s compare end to end; each is also checked against the eager logits of the same images (max
 |Δlogit|, verdict agreement). Served throughput is measured with 1, 4, 16 and 64 concurrent clients,
 each sending one image per request (the server's dynamic batcher forms the batches). Results go to
-`benchmarks/results/<machine>-<date>/` as bench.json, bench.md and bench.png.
+`benchmarks/results/<machine>-<date>/` (under the working directory) as bench.json, bench.md and bench.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime
 import io
@@ -17,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +24,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from d3qe_serve.benchmarks import RESULTS, results_dir, save_figure
+from d3qe_serve.benchmarks import Results, exported_weights, results_dir, save_figure, weights_record
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
 from d3qe_serve.serving.host import machine, machine_slug, tool_versions
-from d3qe_serve.serving.inprocess import add_weight_arguments
+from d3qe_serve.serving.inprocess import WeightOptions
 from d3qe_serve.serving.manifest import Manifest
 
 
@@ -211,25 +210,6 @@ def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool
     return Row(name, runtime, precision, batch, len(images), seconds, lat), logits
 
 
-def eager_reference(args: argparse.Namespace) -> dict:
-    """The eager model the repositories were exported from: --checkpoint, else the first manifest's seeded weights."""
-    ref = {"checkpoint": args.checkpoint, "preset": args.preset, "seed": args.seed, "freq_bias": args.freq_bias}
-    if args.repo:
-        manifest = Manifest.read(args.repo[0])
-        ref["freq_bias"] = manifest.freq_bias
-        if args.checkpoint is None:
-            if manifest.checkpoint:
-                raise SystemExit(f"{args.repo[0]} was exported from {manifest.checkpoint['file']}: pass --checkpoint")
-            ref.update(manifest.seeded_weights)
-    if ref["checkpoint"]:
-        ref["description"] = f"checkpoint {ref['checkpoint']}, freq_bias {ref['freq_bias']}"
-    else:
-        ref["description"] = (
-            f"preset {ref['preset']}, seeded random weights (seed {ref['seed']}), freq_bias {ref['freq_bias']}"
-        )
-    return ref
-
-
 async def bench_server_level(
     url: str, model: str, images: list[bytes], clients: int, requests: int, warmup: int, timeout: float, repo: Path
 ) -> tuple[Row, np.ndarray]:
@@ -291,11 +271,12 @@ def server_policy(url: str, repo: Path) -> dict:
 def write_report(out_dir: Path, report: dict, rows: list[Row], eager_ips: float) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "bench.md").write_text(markdown(report, rows, eager_ips))
+    (out_dir / "bench.md").write_text(markdown(report))
     plot(out_dir / "bench.png", rows, eager_ips, report["title"])
 
 
-def markdown(report: dict, rows: list[Row], eager_ips: float) -> str:
+def markdown(report: dict) -> str:
+    """The report as a table, one configuration a row, under the machine, versions, model and server policy."""
     m, v, ref = report["machine"], report["versions"], report["model"]
     head = [
         f"# {report['title']}",
@@ -314,14 +295,13 @@ def markdown(report: dict, rows: list[Row], eager_ips: float) -> str:
         "|---" * 12 + "|",
     ]
     lines = []
-    for r in rows:
-        s = r.summary(eager_ips)
+    for s in report["rows"]:  # Row.summary
         dlogit = "—" if s["max_abs_dlogit"] is None else f"{s['max_abs_dlogit']:.2e}"
         agree = "—" if s["verdict_agreement"] is None else f"{100 * s['verdict_agreement']:.1f} %"
         lines.append(
-            f"| {r.name} | {r.runtime} | {r.precision} | {r.batch_policy} | {s['images_per_s']:.3f} "
+            f"| {s['name']} | {s['runtime']} | {s['precision']} | {s['batch_policy']} | {s['images_per_s']:.3f} "
             f"| {s['vs_eager']:.2f} | {s['p50_ms']:.0f} | {s['p90_ms']:.0f} | {s['p99_ms']:.0f} | {dlogit} "
-            f"| {agree} | {r.failed} |"
+            f"| {agree} | {s['failed']} |"
         )
     return "\n".join(head + lines) + "\n"
 
@@ -373,82 +353,54 @@ def plot(path: Path, rows: list[Row], eager_ips: float, title: str) -> None:
     save_figure(fig, path, title, fontsize=12, dpi=120)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="sizes and device for the machine")
-    p.add_argument(
-        "--repo",
-        type=Path,
-        nargs="*",
-        default=[Path("model_repository")],
-        help="exported repositories (d3qe export --out): each runs in-process; the first is served",
-    )
-    p.add_argument("--url", help="bench this running server instead of starting one on the first --repo")
-    p.add_argument(
-        "--model",
-        nargs="+",
-        default=[DEFAULT_MODEL],
-        help="served models, each at every client count: d3qe takes encoded images, d3qe_rgb decoded pixels",
-    )
-    add_weight_arguments(p, role="eager reference, as exported: ")
-    p.add_argument("--images", type=int, help="override the profile's image count")
-    p.add_argument("--concurrency", type=int, nargs="+", help="override the profile's client counts")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--no-server", dest="server", action="store_false", help="skip the served measurements")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="in-process: torch-runtime parts through torch.compile (CUDA graphs on a GPU), as `export --compile` "
-        "serves them",
-    )
-    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS}/<machine>-<date>)")
-
-
-def run(args: argparse.Namespace) -> int:
+def bench(
+    *,
+    profile: Profile,
+    weights: WeightOptions,
+    repos: Sequence[Path] = (),
+    url: str | None = None,
+    models: Sequence[str] = (DEFAULT_MODEL,),
+    server: bool = True,
+    timeout: float = 600.0,
+    compile: bool = False,
+    out: Path | None = None,
+) -> Results:
+    """Eager (the weights `repos[0]` was exported from, `exported_weights`), each repository in-process, and
+    unless not `server` the first repository served (or the server at `url`) for each of `models` at each of
+    the profile's client counts; writes bench.json, bench.md and bench.png to `out` (default `results_dir`).
+    `timeout`: seconds per request; `compile`: in-process torch-runtime parts through torch.compile."""
     import torch
 
-    from d3qe_serve.d3qe import load_detector
-
-    profile = PROFILES[args.profile]
-    if args.images:
-        profile = Profile(**dict(asdict(profile), images=args.images))
-    if args.concurrency:
-        profile = Profile(**dict(asdict(profile), concurrency=tuple(args.concurrency)))
     info = machine(profile.device)
     date = datetime.date.today().isoformat()
-    out_dir = results_dir(info, args.out)
+    out_dir = results_dir(info, out)
     images = synthetic_images(profile.images)
     threshold = DEFAULT_THRESHOLD
 
-    reference = eager_reference(args)
-    model = load_detector(
-        args.checkpoint,
-        args.vq_checkpoint,
-        preset=reference["preset"],
-        freq_bias=reference["freq_bias"],
-        seed=reference["seed"],
-    )
+    reference = exported_weights(weights, repos[0] if repos else None)
+    model = reference.load()
     eager_row, eager_logits = bench_eager(model, images, profile)
     eager_row.compare(eager_logits, eager_logits, threshold)
     del model
     if profile.device == "cuda":
         torch.cuda.empty_cache()
     rows = [eager_row]
-    for repo in args.repo:
-        row, logits = bench_parts(repo, images, profile, args.compile)
+    for repo in repos:
+        row, logits = bench_parts(repo, images, profile, compile)
         row.compare(logits, eager_logits, threshold)
         rows.append(row)
     policy: dict = {}
-    if args.server and args.repo:
+    if server and repos:
         from d3qe_serve.serving.server import served
 
-        with served(args.url, args.repo[0]) as (url, _):
-            policy = server_policy(url, args.repo[0])
-            for model_name in args.model:
+        with served(url, repos[0]) as (served_url, _):
+            policy = server_policy(served_url, repos[0])
+            for model_name in models:
                 for clients in profile.concurrency:
                     requests = max(profile.min_requests, clients)
                     row, logits = asyncio.run(
                         bench_server_level(
-                            url, model_name, images, clients, requests, profile.warmup, args.timeout, args.repo[0]
+                            served_url, model_name, images, clients, requests, profile.warmup, timeout, repos[0]
                         )
                     )
                     row.compare(logits, eager_logits, threshold)
@@ -459,16 +411,14 @@ def run(args: argparse.Namespace) -> int:
         "date": date,
         "machine": info,
         "versions": tool_versions(commit=True),
-        "model": reference,
+        "model": weights_record(reference),
         "images": profile.images,
         "profile": asdict(profile),
-        "repositories": [str(r) for r in args.repo],
-        "served_models": args.model if policy else [],
-        "compiled_in_process": args.compile,
+        "repositories": [str(r) for r in repos],
+        "served_models": list(models) if policy else [],
+        "compiled_in_process": compile,
         "server_batch_policy": policy,
         "rows": [r.summary(eager_ips) for r in rows],
     }
     write_report(out_dir, report, rows, eager_ips)
-    print(markdown(report, rows, eager_ips))
-    print(f"wrote {out_dir}/bench.json, bench.md, bench.png")
-    return 0
+    return Results.written(report, out_dir, "bench.json", "bench.md", "bench.png")

@@ -1,34 +1,34 @@
 """Per-part speed of exported artifacts against the eager part, measured in the same run.
 
-    python -m benchmarks.export_parts --repo build/model_repository build/model_repository_int8 [--batches 1 8]
+    d3qe bench-parts --repo build/model_repository build/model_repository_int8 [--batches 1 8]
 
 Each repository (written by `d3qe export`) is run part by part in-process through
 `serving.runtimes.load_part`; the eager fp32 part of the model they were exported from is timed in
 the same loop, interleaved with them, so load from other processes hits both alike. Prints ms/image
 and the ratio to eager per part and batch, with each export's size, export time and measured
 error from its manifest; writes `export_parts.json` and `export_parts.png` under
-`benchmarks/results/<machine>-<date>/`.
+`benchmarks/results/<machine>-<date>/` (under the working directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from d3qe_serve.benchmarks import results_dir, save_figure
-from d3qe_serve.d3qe import load_detector
+from d3qe_serve.benchmarks import Results, exported_weights, results_dir, save_figure
 from d3qe_serve.d3qe.parts import PART_NAMES, eager_tensors, part_specs
 from d3qe_serve.export.validate import synthetic_pixels
 from d3qe_serve.serving.host import machine, tool_versions
+from d3qe_serve.serving.inprocess import WeightOptions
 from d3qe_serve.serving.manifest import Manifest
 from d3qe_serve.serving.runtimes import load_part
 
@@ -82,30 +82,21 @@ def _plot(rows: list[dict], batches: list[int], path: Path, title: str) -> None:
     save_figure(fig, path, title, fontsize=12, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", nargs="+", type=Path, required=True, help="repositories written by `d3qe export`")
-    p.add_argument("--checkpoint", help="the checkpoint the repositories were exported from (else their seed)")
-    p.add_argument("--vq-checkpoint")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per part, variant and batch (after a warm-up)")
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
-    args = p.parse_args(argv)
-
-    manifests = {str(repo): Manifest.read(repo) for repo in args.repo}
-    first = manifests[str(args.repo[0])]
-    seeded = first.seeded_weights or {}
-    if first.checkpoint and not args.checkpoint:
-        p.error(f"{args.repo[0]} was exported from {first.checkpoint['file']}: pass --checkpoint")
-    model = load_detector(
-        args.checkpoint,
-        args.vq_checkpoint,
-        preset=seeded.get("preset", "full"),
-        seed=seeded.get("seed", 0),
-        freq_bias=first.freq_bias,
-    )
-    specs = part_specs(model.cfg)
-    pixels = synthetic_pixels(max(args.batches), model.cfg.image_size)
+def bench_export_parts(
+    *,
+    weights: WeightOptions,
+    repos: Sequence[Path],
+    batches: Sequence[int] = (1, 8),
+    repeats: int = 3,
+    out: Path | None = None,
+) -> Results:
+    """Each part of each repository and of the eager model they were exported from (`exported_weights` of the
+    first), `repeats` timed runs each at each batch size, interleaved; writes export_parts.json and
+    export_parts.png to `out` (default `results_dir`)."""
+    manifests = {str(repo): Manifest.read(repo) for repo in repos}
+    model = exported_weights(weights, repos[0]).load()
+    specs = {part: spec for part, spec in part_specs(model.cfg).items() if part in PART_NAMES}  # not the evidence
+    pixels = synthetic_pixels(max(batches), model.cfg.image_size)
     tensors = eager_tensors(model, pixels)
     variants = {"eager": {part: spec.module(model) for part, spec in specs.items()}}
     for repo, manifest in manifests.items():
@@ -115,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     timings: dict[tuple[str, str, int], list[float]] = {}
     for part, spec in specs.items():
-        for batch in args.batches:
+        for batch in batches:
             torch_args = [tensors[n][:batch] for n in spec.input_names]
             feeds = {n: tensors[n][:batch].numpy() for n in spec.input_names}
             calls = {
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 for fn in calls.values():
                     fn()  # warm-up
-                for _ in range(args.repeats):  # interleaved: drift and neighbours' load hit every variant alike
+                for _ in range(repeats):  # interleaved: drift and neighbours' load hit every variant alike
                     for name, fn in calls.items():
                         timings.setdefault((part, name, batch), []).append(_seconds(fn) / batch)
             print(f"{part} batch {batch}: timed", flush=True)
@@ -147,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     info = machine("cpu")
     date = datetime.date.today().isoformat()
-    out_dir = results_dir(info, args.out)
+    out_dir = results_dir(info, out)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"exported parts vs eager, {info['cpu']} ({info['cores']} cores), {date}"
     report = {
@@ -156,31 +147,36 @@ def main(argv: list[str] | None = None) -> int:
         "versions": tool_versions(commit=True),
         "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [load_before, load_after],
-        "repeats": args.repeats,
+        "repeats": repeats,
         "rows": rows,
         "exports": {repo: _export_summary(m) for repo, m in manifests.items()},
     }
     (out_dir / "export_parts.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(rows, args.batches, out_dir / "export_parts.png", title)
+    _plot(rows, list(batches), out_dir / "export_parts.png", title)
+    return Results.written(report, out_dir, "export_parts.json", "export_parts.png")
 
-    print(f"\n{title}; load average {load_before[0]:.1f} → {load_after[0]:.1f}")
-    print(f"{'part':12s} {'variant':38s} {'batch':>5s} {'ms/img':>9s} {'× eager':>8s}")
-    for r in sorted(rows, key=lambda r: (PART_NAMES.index(r["part"]), r["batch"])):
-        print(
+
+def summary_lines(report: dict) -> list[str]:
+    """ms/image and the ratio to eager per part, variant and batch; then each export's size, export time and
+    worst error per part, from its manifest."""
+    (load_before, *_), (load_after, *_) = report["load_average_before_after"]
+    lines = [
+        f"\n{report['title']}; load average {load_before:.1f} → {load_after:.1f}",
+        f"{'part':12s} {'variant':38s} {'batch':>5s} {'ms/img':>9s} {'× eager':>8s}",
+    ]
+    for r in sorted(report["rows"], key=lambda r: (PART_NAMES.index(r["part"]), r["batch"])):
+        lines.append(
             f"{r['part']:12s} {r['variant']:38s} {r['batch']:5d} {r['ms_per_image']:9.1f} {r['speedup_vs_eager']:8.2f}"
         )
-    print(f"\n{'export':38s} {'part':12s} {'MB':>8s} {'export s':>9s}  worst error vs eager")
-    for repo, m in manifests.items():
-        for part, entry in m["parts"].items():
+    lines.append(f"\n{'export':38s} {'part':12s} {'MB':>8s} {'export s':>9s}  worst error vs eager")
+    for repo, export in report["exports"].items():
+        for part, entry in export["parts"].items():
             worst = ", ".join(
                 f"{k} {v['agreement']:.2%}" if "agreement" in v else f"{k} {v['max_abs']:.2g}"
-                for k, v in entry["validation"]["worst"].items()
+                for k, v in entry["worst"].items()
             )
             size, secs = entry["bytes"] / 1e6, entry["export_seconds"]
-            print(f"{Path(repo).name + ' ' + m['precision']:38s} {part:12s} {size:8.1f} {secs:9.1f}  {worst}")
-    print(f"\nwrote {out_dir / 'export_parts.json'} and export_parts.png")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            lines.append(
+                f"{Path(repo).name + ' ' + export['precision']:38s} {part:12s} {size:8.1f} {secs:9.1f}  {worst}"
+            )
+    return lines

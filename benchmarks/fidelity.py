@@ -14,27 +14,29 @@ GPU `tf32` too), and a served repository over gRPC (`--server`). Per configurati
 - verdict agreement at the 0.5 threshold.
 
 A served configuration returns logits only: its index columns are empty. Parts whose artifact is the
-same file (an int8 export keeps the fp32 VQ encoder) are run once. Writes `fidelity.json` and
-`fidelity.png` under `benchmarks/results/<machine>-<date>/`.
+same file (an int8 export keeps the fp32 VQ encoder) are run once. Writes `fidelity.json`, `fidelity.md` and
+`fidelity.png` under `benchmarks/results/<machine>-<date>/` (under the working directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.benchmarks import Results, exported_weights, report_header, results_dir, save_figure, weights_record
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
-from d3qe_serve.serving.inprocess import add_weight_arguments
+from d3qe_serve.errors import InputError
+from d3qe_serve.serving.inprocess import WeightOptions
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# The eager parts' precisions and the torch dtype each runs in (tf32: fp32 with TF32 matmuls, CUDA only).
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "tf32": "float32"}
 
 
 @dataclass
@@ -83,7 +85,7 @@ def eager_config(model, precision: str, device: str) -> Config:
 
     from d3qe_serve.d3qe.parts import part_specs
 
-    dtype = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    dtype = getattr(torch, PRECISIONS[precision])
     if device != "cpu":  # a copy: the reference stays on the CPU
         model = copy.deepcopy(model).to(device)
     tf32 = precision == "tf32"
@@ -132,10 +134,10 @@ def served_logits(url: str, items, timeout: float) -> np.ndarray:
     logits = np.full(len(items), np.nan)
     with D3QEClient(url, timeout=timeout) as client:
         client.wait_until_ready(timeout=60)
-        results = client.score((str(i), item.data) for i, item in enumerate(items))
-        for r in tqdm(results, total=len(items), desc=f"served {url}", unit="img"):
+        results = client.score((item.name, item.data) for item in items)  # in input order, failures in their slot
+        for i, r in enumerate(tqdm(results, total=len(items), desc=f"served {url}", unit="img")):
             if r.ok:
-                logits[int(r.source)] = r.logit
+                logits[i] = r.logit
     return logits
 
 
@@ -207,9 +209,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.6 * len(rows) + 2.5), width_ratios=(3, 2))
     names = [r["config"] for r in rows]
     floor = 1e-9  # log axis: identical logits drawn at the floor
-    left.boxplot(
-        [np.maximum(r["per_image_dlogit"], floor) for r in rows], vert=False, tick_labels=names, whis=(0, 100)
-    )
+    left.boxplot([np.maximum(r["per_image_dlogit"], floor) for r in rows], vert=False, tick_labels=names, whis=(0, 100))
     left.set_xscale("log")
     left.set_xlabel("|Δlogit| vs eager fp32, per image (whiskers: min–max)")
     y = np.arange(len(rows))
@@ -223,28 +223,6 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     left.invert_yaxis()
     right.invert_yaxis()
     save_figure(fig, path, title)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, nargs="*", default=[], help="exported repositories, run in-process")
-    p.add_argument(
-        "--torch",
-        nargs="*",
-        default=[],
-        metavar="PRECISION[:N]",
-        help="the eager model's parts in these precisions on --device: fp32 (on CUDA held to fp32, the strict "
-        "parity check), fp16, bf16, tf32 (CUDA only); ':N' runs an evenly spread subset of N images (fp16 is slow "
-        "on CPUs)",
-    )
-    p.add_argument("--server", action="store_true", help="also score through a server on the first --repo")
-    p.add_argument("--url", help="score through this running server instead of starting one")
-    p.add_argument("--server-limit", type=int, help="served: an evenly spread subset of N of the images")
-    p.add_argument("--limit", type=int, help="an evenly spread subset of N corpus images (default: all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the in-process configurations run")
-    p.add_argument("--timeout", type=float, default=600.0, help="served: seconds per request")
-    add_weight_arguments(p)
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
 
 
 def measure(
@@ -328,36 +306,52 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def fidelity(
+    *,
+    weights: WeightOptions,
+    repos: Sequence[Path] = (),
+    precisions: Sequence[tuple[str, int | None]] = (),
+    server: bool = False,
+    url: str | None = None,
+    server_limit: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    timeout: float = 600.0,
+    out: Path | None = None,
+) -> Results:
+    """The corpus (`limit`: an evenly spread subset of that many images) through the eager fp32 reference (the
+    weights `repos[0]` was exported from) and each configuration: every repository in-process on `device`, the
+    eager parts in each of `precisions` (precision, subset size or None: every image), and with `server` the first
+    repository served (or the server at `url`; `server_limit`: a subset). Writes fidelity.json, fidelity.md and
+    fidelity.png to `out` (default `results_dir`) after each configuration."""
     import json
 
-    from d3qe_serve.benchmarks.bench import eager_reference
-    from d3qe_serve.d3qe import load_detector
     from d3qe_serve.export.corpus import corpus, corpus_digest
     from d3qe_serve.serving.host import machine
 
-    items = corpus(args.limit)
-    ref = eager_reference(args)
-    model = load_detector(
-        args.checkpoint, args.vq_checkpoint, preset=ref["preset"], freq_bias=ref["freq_bias"], seed=ref["seed"]
-    )
-    configs = [repo_config(repo, args.device) for repo in args.repo]
-    for spec in args.torch:
-        precision, _, limit = spec.partition(":")
-        if precision not in ("fp32", "fp16", "bf16", "tf32"):
-            print(f"d3qe fidelity: --torch {spec}: the precisions are fp32, fp16, bf16 and tf32", file=sys.stderr)
-            return 2
-        if precision != "tf32" or _cuda(args.device):
-            configs.append(eager_config(model, precision, args.device))
-            configs[-1].limit = int(limit) if limit else None
-    info = machine(args.device)
-    out_dir = results_dir(info, args.out)
+    for precision, _ in precisions:
+        if precision not in PRECISIONS:
+            raise InputError(f"--torch {precision}: the precisions are fp32, fp16, bf16 and tf32")
+        if precision == "tf32" and not device.startswith("cuda"):
+            raise InputError(f"--torch tf32 is a CUDA setting: not on {device}")
+    if (server or url) and not (url or repos):
+        raise InputError("--server serves the first --repo: name one")
+    items = corpus(limit)
+    reference = exported_weights(weights, repos[0] if repos else None)
+    model = reference.load()
+    configs = [repo_config(repo, device) for repo in repos]
+    for precision, subset in precisions:
+        configs.append(eager_config(model, precision, device))
+        configs[-1].limit = subset
+    info = machine(device)
+    out_dir = results_dir(info, out)
     kinds: dict[str, int] = {}
     for item in items:
         kinds[item.kind] = kinds.get(item.kind, 0) + 1
     header = {
         **report_header(f"d3qe fidelity on {len(items)} corpus images", info),
-        "model": ref,
+        "model": weights_record(reference),
         "corpus": {"images": len(items), "kinds": kinds, "sha256": corpus_digest(items)},
         "images": [item.name for item in items],
     }
@@ -368,26 +362,14 @@ def run(args: argparse.Namespace) -> int:
         (out_dir / "fidelity.md").write_text(f"## {header['title']}\n\n{markdown(report)}\n")
         plot(out_dir / "fidelity.png", report["rows"], header["title"])
 
-    if args.server or args.url:
+    if server or url:
         from d3qe_serve.serving.server import served
 
-        if not (args.url or args.repo):
-            print("d3qe fidelity: --server serves the first --repo: name one", file=sys.stderr)
-            return 2
-        with served(args.url, args.repo[0] if args.repo else None) as (url, _):
-            name = f"served {args.url or args.repo[0].name} (gRPC, d3qe ensemble)"
+        with served(url, repos[0] if repos else None) as (served_url, _):
+            name = f"served {url or repos[0].name} (gRPC, d3qe ensemble)"
             # before the torch configurations: the slowest on a CPU come last (each row is written when done)
-            configs.insert(len(args.repo), Config(name, "triton", "-", url=url, limit=args.server_limit))
-            report = measure(model, configs, items, args.batch_size, args.timeout, write)
+            configs.insert(len(repos), Config(name, "triton", "-", url=served_url, limit=server_limit))
+            report = measure(model, configs, items, batch_size, timeout, write)
     else:
-        report = measure(model, configs, items, args.batch_size, progress=write)
-    print(markdown(report))
-    print(f"wrote {out_dir}/fidelity.json, fidelity.md, fidelity.png")
-    return 0
-
-
-def _cuda(device: str) -> bool:
-    if not device.startswith("cuda"):
-        print("d3qe fidelity: --torch tf32 is a CUDA setting: skipped on the CPU", file=sys.stderr)
-        return False
-    return True
+        report = measure(model, configs, items, batch_size, progress=write)
+    return Results.written({**header, **report}, out_dir, "fidelity.json", "fidelity.md", "fidelity.png")

@@ -1,7 +1,7 @@
 """The carry for the GPU machine: what its image lacks, from PyPI, repacked small enough to travel beside the tree.
 
-    python -m benchmarks.gpu_carry build [--out build/gpu-carry]     (here, with the network: `make gpu-carry`)
-    python3 -m benchmarks.gpu_carry unpack CARRY DEST                (there, offline: `benchmarks/gpu_run.sh` does it)
+    d3qe gpu-carry build [--out build/gpu-carry]     (here, with the network: `make gpu-carry`)
+    d3qe gpu-carry unpack CARRY DEST                 (there, offline: the GPU run's install stage does it)
 
 The machine (no network, Python 3.12, its own torch and numpy 2) lacks open_clip_torch, tritonclient, the
 Triton server and their dependencies (`WHEELS`); the server's python backend needs numpy < 2. `build` writes:
@@ -10,16 +10,15 @@ Triton server and their dependencies (`WHEELS`); the server's python backend nee
 - `numpy1.tar.xz`: numpy 1.26.4 without its tests, put first on the path where a server runs;
 - `tritonserver.tar.xz`: of the nvidia-pytriton wheel only what a server with the python backend needs (the
   binary, the python backend, the 3.12 stub, the libraries it bundles except its own libpython 3.13), laid
-  out as in the wheel so that `serving.server.find_tritonserver` finds it once DEST/site is on the path;
+  out as in the wheel so that `serving.install.find_tritonserver` finds it once DEST/site is on the path;
 - `manifest.json`: each file's size and sha256, what it came from, the tarballs' member lists.
 
 Tarballs are deterministic (sorted members, fixed times and owners). `build` fails when the tree that travels
-(`tree_bytes`) plus the carry exceeds `LIMIT_MIB`: one device run takes 64 MiB in all.
+(`tree_bytes`) plus the carry exceeds `LIMIT_MIB` (`CarryError`): one device run takes 64 MiB in all.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import lzma
@@ -32,6 +31,8 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from d3qe_serve.errors import CarryError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CARRY = REPO / "build" / "gpu-carry"
@@ -158,7 +159,7 @@ def _item(out: Path, path: Path, source: str, source_sha256: str | None, members
 
 def build(out: Path = DEFAULT_CARRY, limit_mib: float = LIMIT_MIB) -> dict:
     """Download, repack and write the carry to `out` (emptied first) with its manifest; returns the manifest.
-    Raises SystemExit when tree + carry exceed `limit_mib`."""
+    Raises CarryError when tree + carry exceed `limit_mib`."""
     if out.exists():
         shutil.rmtree(out)
     (out / "wheels").mkdir(parents=True)
@@ -195,18 +196,19 @@ def build(out: Path = DEFAULT_CARRY, limit_mib: float = LIMIT_MIB) -> dict:
     print(f"{carry / 2**20:8.2f} MiB  carry in {out}\n{tree / 2**20:8.2f} MiB  the tree that travels with it")
     print(f"{(carry + tree) / 2**20:8.2f} MiB  together, of {limit_mib:g} MiB allowed (a run takes 64 MiB)")
     if carry + tree > manifest["limit_bytes"]:
-        raise SystemExit(f"gpu-carry: tree + carry = {(carry + tree) / 2**20:.1f} MiB exceeds {limit_mib:g} MiB")
+        raise CarryError(f"tree + carry = {(carry + tree) / 2**20:.1f} MiB exceeds {limit_mib:g} MiB")
     return manifest
 
 
 def unpack(carry: Path, dest: Path) -> dict:
     """Install the carry under `dest` offline: the wheels and the server into `dest/site`, numpy 1.26 into
-    `dest/numpy1`. Checks every file against the manifest first. Returns the paths (also in dest/installed.json).
-    The wheels are installed for the GPU machine's Python whatever runs this (a test unpacks on another)."""
+    `dest/numpy1`. Checks every file against the manifest first (CarryError where one differs). Returns the
+    paths (also in dest/installed.json). The wheels are installed for the GPU machine's Python whatever runs
+    this (a test unpacks on another)."""
     manifest = json.loads((carry / "manifest.json").read_text())
     for item in manifest["items"]:
         if sha256(carry / item["file"]) != item["sha256"]:
-            raise SystemExit(f"gpu-carry: {item['file']} does not match its manifest's sha256")
+            raise CarryError(f"{item['file']} does not match its manifest's sha256")
     site, numpy1 = dest / "site", dest / "numpy1"
     for d in (site, numpy1):
         if d.exists():
@@ -219,28 +221,3 @@ def unpack(carry: Path, dest: Path) -> dict:
     installed = {"site": str(site), "numpy1": str(numpy1), "manifest": manifest}
     (dest / "installed.json").write_text(json.dumps(installed, indent=1) + "\n")
     return installed
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="download and repack (needs the network)")
-    b.add_argument("--out", type=Path, default=DEFAULT_CARRY)
-    b.add_argument("--limit-mib", type=float, default=LIMIT_MIB, help="most the tree and the carry may take together")
-    u = sub.add_parser("unpack", help="install a carry offline")
-    u.add_argument("carry", type=Path)
-    u.add_argument("dest", type=Path)
-    args = p.parse_args(argv)
-    if args.command == "build":
-        build(args.out, args.limit_mib)
-    else:
-        installed = unpack(args.carry, args.dest)
-        print(
-            f"installed {len(installed['manifest']['items'])} items: site {installed['site']}, "
-            f"numpy<2 {installed['numpy1']}"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,43 +3,49 @@
     bash benchmarks/gpu_run.sh                    # there: results in $OUT (`make gpu-carry` first, here)
     bash benchmarks/gpu_run.sh --smoke            # here: every stage on this CPU, the tiny model, tiny sizes
 
-Stages run in order (`stages`), each in its own subprocess under its own time limit and the whole run's
-`--budget`: a stage that fails or times out is recorded and the next one runs; a stage that needs a failed
-one, or that no longer fits in the time left, is skipped with the reason. After each stage `results.json` in
-`--out` is rewritten (status, seconds, command, its results files' contents, its markdown tables, the tail
-of its log on failure, the peak GPU memory nvidia-smi saw while it ran), its plot copied beside it, and
-every line any stage prints is appended to `log.txt` as it comes: a crash or a kill loses only the stage
-in flight. `--out` stays within what a device run returns (at most 8 files, one folder).
+The script runs `d3qe gpu-run` (cli/gpu_run.py), whose options map onto `Context` and `gpu_run`.
 
-The carry (`benchmarks.gpu_carry`) is installed under `--work` (in /tmp, never the tree): its site folder on
-every stage's path, numpy 1.26 first on the path of the stage that starts Triton (its python backend
-takes numpy < 2; the image's numpy 2 stays for the others).
+Stages run in order (`stages`), each in its own process group (`serving.process.SupervisedProcess`) under
+its own time limit and the whole run's `--budget`: a stage that fails or times out is recorded and the next
+one runs; a stage that needs a failed one, or that no longer fits in the time left, is skipped with the
+reason. After each stage `results.json` in `--out` is rewritten (status, seconds, command, its results
+files' contents, its markdown tables, the tail of its log on failure, the peak GPU memory nvidia-smi saw
+while it ran), its plot copied beside it, and every line any stage prints is appended to `log.txt` as it
+comes: a crash or a kill loses only the stage in flight. `--out` stays within what a device run returns
+(at most 8 files, one folder).
+
+The carry (`benchmarks.gpu_carry`, `d3qe gpu-carry`) is installed under `--work` (in /tmp, never the tree):
+its site folder on every stage's path, numpy 1.26 first on the path of the stage that starts Triton (its
+python backend takes numpy < 2; the image's numpy 2 stays for the others).
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
-import contextlib
 import datetime
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from d3qe_serve.benchmarks.gpu_carry import DEFAULT_CARRY, PYTHON, SERVER_FILES
+from d3qe_serve.benchmarks.gpu_carry import PYTHON, SERVER_FILES
+from d3qe_serve.errors import InputError
+from d3qe_serve.serving.process import SupervisedProcess
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "build" / "gpu-run"  # where $OUT is not set
+DEFAULT_WORK = Path("/tmp/d3qe-gpu-run")
 BUDGET_S = 530  # of the 600 s one device command may run: install, every stage, and margin
 SMOKE_BUDGET_S = 300
 MIN_STAGE_S = 15  # a stage is not started with less than this left
+STOP_GRACE_S = 15  # a stage out of time gets SIGTERM, then SIGKILL after this
 TAIL_LINES = 60
 INJECTED = "injected failure (--fail)"
 
@@ -83,7 +89,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
     """The run's stages: full size on CUDA, or (`smoke`) the same orchestration on this CPU at tiny sizes."""
     py, f = ctx.python, ctx.folder
     d3qe = [py, "-m", "d3qe_serve.cli.main"]
-    driver = [py, "-m", "d3qe_serve.benchmarks.gpu_run", "--work", str(ctx.work), "--carry", str(ctx.carry)]
+    driver = [*d3qe, "gpu-run", "--work", str(ctx.work), "--carry", str(ctx.carry)]
     repo = str(f("export") / "repo")
     bench = [*d3qe, "bench", "--repo", repo]
     bench += ["--profile", "cpu", "--images", "4"] if smoke else ["--profile", "gpu"]
@@ -96,7 +102,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
         install = Stage(
             "install",
             60,
-            [py, "-m", "d3qe_serve.benchmarks.gpu_carry", "unpack", str(ctx.carry), str(f("install"))],
+            [*d3qe, "gpu-carry", "unpack", str(ctx.carry), str(f("install"))],
             results=("installed.json",),
         )
     device = "cpu" if smoke else "cuda"
@@ -119,7 +125,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
         Stage(
             "kernel-bench",
             60,
-            [py, "-m", "d3qe_serve.benchmarks.attention", "--out", str(f("kernel-bench"))]
+            [*d3qe, "bench-attention", "--out", str(f("kernel-bench"))]
             + (
                 ["--device", "cpu", "--batches", "1", "--length", "64", "--min-run-time", "0.02"]
                 if smoke
@@ -226,46 +232,14 @@ class GpuMemory:
         self._thread.join()
 
 
-def run_command(argv: list[str], env: dict[str, str], timeout: float, log, tail: collections.deque) -> int | None:
-    """Run `argv` in the tree in its own process group, each output line to `log`, stdout and `tail`; after
-    `timeout` s the group is stopped (SIGTERM, then SIGKILL) and None returned, else the exit code."""
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
-
-    def pump() -> None:
-        for line in proc.stdout:
-            tail.append(line)
-            log.write(line)
-            log.flush()
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        reader.join(timeout=5)
-        return None
-    reader.join(timeout=5)
-    return proc.returncode
+def run_command(argv: list[str], env: dict[str, str], timeout: float, log: IO[str]) -> tuple[int | None, str]:
+    """Run `argv` in the tree in its own process group, each output line to `log` and stdout; after `timeout` s
+    the group is stopped (SIGTERM, then SIGKILL). Returns the exit code (None: stopped) and its last lines."""
+    process = SupervisedProcess(argv, env=env, cwd=REPO, sinks=[log, sys.stdout], tail_lines=TAIL_LINES).start()
+    rc = process.wait(timeout)
+    if rc is None:
+        process.stop(STOP_GRACE_S, group=True)
+    return rc, "".join(process.tail)
 
 
 def read_result(path: Path) -> dict | list:
@@ -337,7 +311,8 @@ def run_stages(ctx: Context, plan: list[Stage], budget: float, fail: set[str]) -
             elif left < MIN_STAGE_S:
                 record |= {"status": "skipped", "reason": f"out of time: {left:.0f} s of the {budget:.0f} s left"}
             else:
-                argv = stage.argv if stage.name not in fail else [ctx.python, "-c", f"raise SystemExit({INJECTED!r})"]
+                injected = [ctx.python, "-c", f"import sys; sys.exit({INJECTED!r})"]
+                argv = stage.argv if stage.name not in fail else injected
                 timeout = min(stage.budget_s, left)
                 shutil.rmtree(ctx.folder(stage.name), ignore_errors=True)  # nothing of an earlier run is collected
                 ctx.folder(stage.name).mkdir(parents=True)
@@ -345,15 +320,14 @@ def run_stages(ctx: Context, plan: list[Stage], budget: float, fail: set[str]) -
                 log.write(header)
                 log.flush()
                 print(header, end="", flush=True)
-                tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
                 t0 = time.monotonic()
                 with GpuMemory() as memory:
-                    rc = run_command(argv, stage_environment(ctx, stage), timeout, log, tail)
+                    rc, tail = run_command(argv, stage_environment(ctx, stage), timeout, log)
                 status = "timeout" if rc is None else ("ok" if rc == 0 else "failed")
                 record |= {"status": status, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "command": argv}
                 record["gpu_memory_peak_mib"] = memory.peak
                 if status != "ok":
-                    record["log_tail"] = "".join(tail)
+                    record["log_tail"] = tail
                 collect(ctx, stage, record)
             line = f"=== {stage.name}: {record['status']}" + (f" ({record['reason']})" if "reason" in record else "")
             log.write(line + "\n")
@@ -450,30 +424,17 @@ def preflight(ctx: Context) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="every stage on this CPU at tiny sizes (what CI runs)")
-    p.add_argument("--out", type=Path, help="results folder (default $OUT, else build/gpu-run)")
-    p.add_argument("--work", type=Path, help="installs and stage outputs (default /tmp/d3qe-gpu-run)")
-    p.add_argument("--carry", type=Path, default=DEFAULT_CARRY, help="`make gpu-carry`'s folder")
-    p.add_argument("--budget", type=float, help=f"seconds for all stages (default {BUDGET_S}; smoke {SMOKE_BUDGET_S})")
-    p.add_argument("--fail", nargs="*", default=[], metavar="STAGE", help="make these stages fail (tests the driver)")
-    p.add_argument("--preflight", type=Path, metavar="JSON", help=argparse.SUPPRESS)  # the preflight stage itself
-    args = p.parse_args(argv)
-    out = args.out or Path(os.environ.get("OUT") or REPO / "build" / "gpu-run")
-    ctx = Context(out.resolve(), (args.work or Path("/tmp/d3qe-gpu-run")).resolve(), args.carry.resolve())
-    if args.preflight:
-        args.preflight.write_text(json.dumps(preflight(ctx), indent=1, default=str) + "\n")
-        return 0
-    plan = stages(ctx, args.smoke)
-    unknown = set(args.fail) - {s.name for s in plan}
+def gpu_run(ctx: Context, *, smoke: bool = False, budget: float | None = None, fail: Iterable[str] = ()) -> dict:
+    """The run's stages (`smoke`: on this CPU at tiny sizes) within `budget` seconds (default `BUDGET_S`, smoke
+    `SMOKE_BUDGET_S`); the stages named in `fail` fail on purpose (InputError for a name that is no stage).
+    Returns the results, also in `ctx.out`/results.json."""
+    plan = stages(ctx, smoke)
+    unknown = set(fail) - {s.name for s in plan}
     if unknown:
-        p.error(f"--fail: no stage {sorted(unknown)}; the stages are {[s.name for s in plan]}")
-    results = run_stages(ctx, plan, args.budget or (SMOKE_BUDGET_S if args.smoke else BUDGET_S), set(args.fail))
-    statuses = {name: r["status"] for name, r in results["stages"].items()}
-    print(f"gpu run done in {results['run']['seconds']} s: {statuses}; results in {ctx.out}")
-    return 0 if all(s in ("ok", "skipped") for s in statuses.values()) else 1
+        raise InputError(f"--fail: no stage {sorted(unknown)}; the stages are {[s.name for s in plan]}")
+    return run_stages(ctx, plan, budget or (SMOKE_BUDGET_S if smoke else BUDGET_S), set(fail))
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def write_preflight(ctx: Context, path: Path) -> None:
+    """The preflight stage itself: `preflight`'s findings as JSON at `path`."""
+    path.write_text(json.dumps(preflight(ctx), indent=1, default=str) + "\n")

@@ -1,30 +1,32 @@
 """The reward benchmark: RL-sized calls of D³QE as a reward, served vs the eager model in-process.
 
-    python -m benchmarks.reward --repo build/model_repository [--sizes 64:2 512:1]
+    d3qe bench-reward --repo build/model_repository [--sizes 64:2 512:1]
 
 Each call scores N images of 512×512 uint8 RGB (seeded, smooth colour fields with noise, as a generator's
 samples), as a trainer's reward function would: through the server's `d3qe_rgb` entrance with
 `client.reward.D3QEReward` (raw pixels, chunked, `--concurrency` requests in flight), and with the eager
 model in this process on the same images (`serving.inprocess.score_eager`, batch 8), in one run. Per
 runtime and call size: calls/s, images/s, p50/p99 call latency, and the largest |Δreward| between the
-two. Writes `reward.json` and `reward.png` under `benchmarks/results/<machine>-<date>/`.
+two. Writes `reward.json` and `reward.png` under `benchmarks/results/<machine>-<date>/` (under the working
+directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.benchmarks import Results, exported_weights, report_header, results_dir, save_figure, weights_record
 from d3qe_serve.serving.host import machine
-from d3qe_serve.serving.inprocess import add_weight_arguments
+from d3qe_serve.serving.inprocess import WeightOptions
+from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 
 def generated_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -81,38 +83,29 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     save_figure(fig, path, title)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", type=Path, default=Path("build/model_repository"), help="served (and its weights)")
-    p.add_argument("--url", help="a running server instead of one started on --repo")
-    p.add_argument(
-        "--sizes",
-        nargs="+",
-        default=["64:2", "512:1"],
-        metavar="N[:CALLS]",
-        help="images per call, and timed calls of that size per runtime (default 2), after one warm-up image",
-    )
-    p.add_argument("--image-size", type=int, default=512)
-    p.add_argument("--chunk-size", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=4)
-    add_weight_arguments(p)
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
-    args = p.parse_args(argv)
-
-
+def bench_reward(
+    *,
+    weights: WeightOptions,
+    repo: Path = DEFAULT_REPOSITORY,
+    url: str | None = None,
+    sizes: Sequence[tuple[int, int]] = ((64, 2), (512, 1)),
+    image_size: int = 512,
+    chunk_size: int = 8,
+    concurrency: int = 4,
+    out: Path | None = None,
+) -> Results:
+    """Reward calls of each of `sizes` (images per call, timed calls) on `image_size`² images: served (the server
+    at `url`, else one started on `repo`; `chunk_size` images a request, `concurrency` in flight) and eager in
+    this process (the weights `repo` was exported from). Writes reward.json and reward.png to `out` (default
+    `results_dir`)."""
     import torch
 
-    from d3qe_serve.benchmarks.bench import eager_reference
     from d3qe_serve.client.reward import D3QEReward
-    from d3qe_serve.d3qe import load_detector
     from d3qe_serve.serving.inprocess import score_eager
     from d3qe_serve.serving.server import served
 
-    args.repo = [args.repo]  # eager_reference reads the first repository's weights
-    ref = eager_reference(args)
-    model = load_detector(
-        args.checkpoint, args.vq_checkpoint, preset=ref["preset"], freq_bias=ref["freq_bias"], seed=ref["seed"]
-    )
+    reference = exported_weights(weights, repo)
+    model = reference.load()
     info = machine("cpu")
 
     def eager(images: np.ndarray) -> np.ndarray:
@@ -120,15 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         return np.array([1 - r.probability for r in results], np.float32)
 
     rows = []
-    with torch.inference_mode(), served(args.url, args.repo[0]) as (url, _):
-        reward = D3QEReward(url, chunk_size=args.chunk_size, concurrency=args.concurrency)
+    with torch.inference_mode(), served(url, repo) as (grpc_url, _):
+        reward = D3QEReward(grpc_url, chunk_size=chunk_size, concurrency=concurrency)
         reward.wait_until_ready(600)
-        warm = generated_images(1, args.image_size, seed=99)
+        warm = generated_images(1, image_size, seed=99)
         reward(warm), eager(warm)
-        for size in args.sizes:
-            n, _, calls = size.partition(":")
-            n, calls = int(n), int(calls or 2)
-            images = generated_images(n, args.image_size)
+        for n, calls in sizes:
+            images = generated_images(n, image_size)
             eager_lat, eager_scores = _timed_calls("eager in-process", eager, images, calls)
             served_lat, (served_scores, _) = _timed_calls("served d3qe_rgb", reward, images, calls)
             delta = float(np.abs(served_scores - eager_scores).max())
@@ -136,26 +127,31 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-2:], indent=1), file=sys.stderr, flush=True)
         reward.close()
     report = {
-        **report_header(f"D³QE as a reward, {args.image_size}² uint8", info),
-        "model": ref,
-        "repository": str(args.repo[0]),
-        "settings": {"chunk_size": args.chunk_size, "concurrency": args.concurrency, "sizes": args.sizes},
+        **report_header(f"D³QE as a reward, {image_size}² uint8", info),
+        "model": weights_record(reference),
+        "repository": str(repo),
+        "settings": {
+            "chunk_size": chunk_size,
+            "concurrency": concurrency,
+            "sizes": [f"{n}:{calls}" for n, calls in sizes],
+        },
         "rows": rows,
     }
-    out_dir = results_dir(info, args.out)
+    out_dir = results_dir(info, out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reward.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(out_dir / "reward.png", rows, report["title"])
-    for r in rows:
+    return Results.written(report, out_dir, "reward.json", "reward.png")
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Images/s, calls/s and call latency per runtime and call size, with the largest |Δreward| vs eager."""
+    lines = []
+    for r in report["rows"]:
         delta = r["max_abs_reward_delta_vs_eager"]
-        print(
+        lines.append(
             f"{r['runtime']:24} {r['images_per_call']:4} images/call: {r['images_per_s']:.3f} images/s, "
             f"{r['calls_per_s']:.4f} calls/s, p50 {r['p50_call_s']:.1f} s, p99 {r['p99_call_s']:.1f} s"
             + ("" if delta is None else f", max |Δreward| vs eager {delta:.1e}")
         )
-    print(f"wrote {out_dir}/reward.json, reward.png")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return lines

@@ -13,16 +13,16 @@ and every request is counted once:
     wrong       scored, but not with the case's score          lost        no answer at all
     duplicated  answered more than once
 
-Exit status 1 unless wrong, unexpected, duplicated and lost are all 0. Results (counts, errors by kind,
-latencies, a per-second timeline, the server's memory when the soak started it) go to
-`benchmarks/results/<machine>-<date>/` as soak.json and soak.png.
+The soak passes (`accounted_for`; `d3qe soak` exits 1 otherwise) when wrong, unexpected, duplicated and lost
+are all 0. Results (counts, errors by kind, latencies, a per-second timeline, the server's memory when the soak
+started it) go to `benchmarks/results/<machine>-<date>/` (under the working directory) as soak.json and soak.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
+import dataclasses
 import datetime
 import functools
 import io
@@ -40,12 +40,15 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from d3qe_serve.benchmarks import RESULTS, results_dir
+from d3qe_serve.benchmarks import Results, results_dir
 from d3qe_serve.benchmarks.bench import server_policy, synthetic_images
+from d3qe_serve.contract import IMAGE_ENTRANCE, LOGIT, TENSOR_ENTRANCE, entrance, triton_dtype
 from d3qe_serve.d3qe import preprocess
 from d3qe_serve.d3qe.preprocess import MAX_IMAGE_BYTES, MAX_PIXELS
+from d3qe_serve.errors import InputError
 from d3qe_serve.serving.host import machine, machine_slug, tool_versions
-from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REPOSITORY, SHM_DIR, TritonServer, served
+from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer, served
+from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 SCORE_TOL = 1e-4  # the fixture's fp32 tolerance: batching with other requests may move a logit by ~1e-6
 OVERLOAD = re.compile(r"Exceeds maximum queue size|Request timeout expired")
@@ -100,10 +103,13 @@ def cases(max_batch: int, workdir: Path) -> list[Case]:
     pixels = preprocess(photos[0]).numpy()[None]
 
     def image(kind: str, data: bytes, expect: str | None = None, count: int = 1, **kw) -> Case:
-        return Case(kind, "d3qe", "IMAGE", "BYTES", _image(data, count), expect, **kw)
+        spec = entrance(IMAGE_ENTRANCE).input
+        return Case(kind, IMAGE_ENTRANCE, spec.name, spec.triton_dtype, _image(data, count), expect, **kw)
 
-    def tensor(kind: str, data: np.ndarray, expect: str | None = None, datatype: str = "FP32") -> Case:
-        return Case(kind, "d3qe_tensor", "PIXELS", datatype, data, expect)
+    def tensor(kind: str, data: np.ndarray, expect: str | None = None) -> Case:
+        """Sent as the dtype `data` has: the contract's (float32), or a wrong one the server must refuse."""
+        name = entrance(TENSOR_ENTRANCE).input.name
+        return Case(kind, TENSOR_ENTRANCE, name, triton_dtype(data.dtype), data, expect)
 
     over_size = rf"larger than max \(\d+ vs\. {DEFAULT_MAX_REQUEST_BYTES}\)"  # the gRPC front's refusal
     with_nan, with_inf = pixels.copy(), pixels.copy()
@@ -128,7 +134,7 @@ def cases(max_batch: int, workdir: Path) -> list[Case]:
         tensor("NaN pixels", with_nan, "NaN or infinity"),
         tensor("Inf pixels", with_inf, "NaN or infinity"),
         tensor("0-255 pixels", pixels * 255, r"must lie in \[0, 1\]"),
-        tensor("FP64 pixels", pixels.astype(np.float64), "FP64", datatype="FP64"),
+        tensor("FP64 pixels", pixels.astype(np.float64), "FP64"),
         tensor("224x224 pixels", pixels[..., :224, :224].copy(), "unexpected shape"),
     ]
 
@@ -146,14 +152,14 @@ def classify(case: Case, result: grpcclient.InferResult | None, error: Inference
         return "unexpected"  # scored, but should have been refused
     if case.score is None:
         return "answered"  # the reference pass itself
-    logit = result.as_numpy("LOGIT")
+    logit = result.as_numpy(LOGIT)
     return "answered" if logit.size == 1 and abs(float(logit.item()) - case.score) <= SCORE_TOL else "wrong"
 
 
 def score_alone(client: grpcclient.InferenceServerClient, good: list[Case]) -> None:
     """Each good case's score, sent alone to an idle server: what it must be scored under load."""
     for case in good:
-        case.score = float(client.infer(case.model, case.inputs()).as_numpy("LOGIT").item())
+        case.score = float(client.infer(case.model, case.inputs()).as_numpy(LOGIT).item())
 
 
 @dataclass
@@ -248,25 +254,43 @@ class MemorySampler:
         self._thread.join()
 
 
-def soak(url: str, all_cases: list[Case], args: argparse.Namespace) -> tuple[Ledger, float]:
-    """Send for `args.seconds`, then drain; returns the ledger and the seconds the sender waited on the client bound."""
-    rng = np.random.default_rng(args.seed)
+@dataclass(frozen=True)
+class Load:
+    """How the soak sends: `rate` requests/s for `seconds`, a `bad_fraction` of them bad cases (drawn with
+    `seed`), at most `max_outstanding` unanswered; then up to `drain_timeout` seconds waiting for answers."""
+
+    seconds: float = 180.0
+    rate: float = 20.0
+    bad_fraction: float = 0.3
+    max_outstanding: int = 512
+    drain_timeout: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.seconds <= 0 or not 0 <= self.bad_fraction <= 1:
+            raise InputError("need --rate > 0, --seconds > 0 and --bad-fraction in [0, 1]")
+
+
+def soak(url: str, all_cases: list[Case], load: Load) -> tuple[Ledger, float]:
+    """Send for `load.seconds`, then drain; returns the ledger and the seconds the sender waited on the client
+    bound."""
+    rng = np.random.default_rng(load.seed)
     good = [i for i, c in enumerate(all_cases) if c.expect is None]
     bad = [i for i, c in enumerate(all_cases) if c.expect is not None]
     ledger, throttled = Ledger(), 0.0
     with grpcclient.InferenceServerClient(url) as client:
         start = time.monotonic()
-        end = start + args.seconds
+        end = start + load.seconds
         n = 0
-        while (due := start + n / args.rate) < end:
+        while (due := start + n / load.rate) < end:
             time.sleep(max(0.0, due - time.monotonic()))
-            if ledger.outstanding >= args.max_outstanding:
+            if ledger.outstanding >= load.max_outstanding:
                 t = time.monotonic()
-                ledger.wait(end, lambda: ledger.outstanding < args.max_outstanding)
+                ledger.wait(end, lambda: ledger.outstanding < load.max_outstanding)
                 throttled += time.monotonic() - t
                 if time.monotonic() >= end:
                     break
-            k = int(rng.choice(bad if rng.random() < args.bad_fraction else good))
+            k = int(rng.choice(bad if rng.random() < load.bad_fraction else good))
             case = all_cases[k]
             i = ledger.sent(k)
             # No client deadline: a cancelled call crashes this tritonserver (server#7840). `timeout` is the
@@ -275,7 +299,7 @@ def soak(url: str, all_cases: list[Case], args: argparse.Namespace) -> tuple[Led
                 case.model, case.inputs(), functools.partial(ledger.answer, i, case), timeout=case.timeout_us
             )
             n += 1
-        ledger.wait(time.monotonic() + args.drain_timeout, lambda: ledger.outstanding == 0)
+        ledger.wait(time.monotonic() + load.drain_timeout, lambda: ledger.outstanding == 0)
     return ledger, throttled
 
 
@@ -343,59 +367,66 @@ def plot(path: Path, summary: dict, memory: list, title: str) -> None:
     plt.close(fig)
 
 
-def print_summary(summary: dict) -> None:
+def summary_lines(report: dict) -> list[str]:
+    """The report's counts, rates, outcomes by kind, latencies and the server's memory, as lines to print."""
+    summary, memory = report["counts"], report["server_memory_mib"]
     keys = ("sent", "answered", "rejected", "refused", "wrong", "unexpected", "duplicated", "lost")
-    print("  ".join(f"{k} {summary[k]}" for k in keys))
-    print(
+    lines = [
+        "  ".join(f"{k} {summary[k]}" for k in keys),
         f"{summary['sent_per_s']} requests/s sent; {summary['answered_per_s']} scored/s over the "
-        f"{summary['elapsed_s']} s from the first request to the last answer"
-    )
-    print("by kind (refused: the error message):")
+        f"{summary['elapsed_s']} s from the first request to the last answer",
+        "by kind (refused: the error message):",
+    ]
     for kind, outcomes in summary["by_kind"].items():
-        print(f"  {kind}: " + "; ".join(f"{o}: {n}" for o, n in outcomes.items()))
+        lines.append(f"  {kind}: " + "; ".join(f"{o}: {n}" for o, n in outcomes.items()))
     for outcome, lat in summary["latency_s"].items():
-        print(f"  latency {outcome}: " + ", ".join(f"{k} {v:.3f} s" for k, v in lat.items()))
+        lines.append(f"  latency {outcome}: " + ", ".join(f"{k} {v:.3f} s" for k, v in lat.items()))
+    if memory:
+        lines.append(f"server memory, MiB (anonymous per process + shared-memory regions): {memory['total']}")
+        for part, mib in memory["by_part"].items():
+            lines.append(f"  {part}: " + ", ".join(f"{k} {v}" for k, v in mib.items()))
+    return lines
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="served on free loopback ports")
-    p.add_argument("--url", help="soak this running server instead (loopback)")
-    p.add_argument("--seconds", type=float, default=180.0, help="how long requests are sent")
-    p.add_argument("--rate", type=float, default=20.0, help="requests sent per second (above capacity: overload)")
-    p.add_argument("--bad-fraction", type=float, default=0.3, help="share of requests drawn from the bad cases")
-    p.add_argument("--max-outstanding", type=int, default=512, help="unanswered requests before the sender waits")
-    p.add_argument("--drain-timeout", type=float, default=600.0, help="seconds to wait for answers after sending")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help=f"results folder (default {RESULTS}/<machine>-<date>)")
+def accounted_for(report: dict) -> bool:
+    """Every request answered once, as its case must be: no wrong, unexpected, duplicated or lost request."""
+    return all(report["counts"][k] == 0 for k in ("wrong", "unexpected", "duplicated", "lost"))
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.rate <= 0 or args.seconds <= 0 or not 0 <= args.bad_fraction <= 1:
-        print("d3qe soak: need --rate > 0, --seconds > 0 and --bad-fraction in [0, 1]")
-        return 2
+def run_soak(
+    *, load: Load = Load(), repository: Path = DEFAULT_REPOSITORY, url: str | None = None, out: Path | None = None
+) -> Results:
+    """The soak (`load`) on the server at `url`, else on one started on `repository` (whose memory is then
+    sampled); writes soak.json and soak.png to `out` (default `results_dir`). `accounted_for` says whether it
+    passed."""
     info = machine("cpu")
     date = datetime.date.today().isoformat()
-    out_dir = results_dir(info, args.out)
+    out_dir = results_dir(info, out)
     with (
-        served(args.url, args.model_repository) as (url, server),
-        grpcclient.InferenceServerClient(url) as client,
+        served(url, repository) as (grpc_url, server),
+        grpcclient.InferenceServerClient(grpc_url) as client,
         tempfile.TemporaryDirectory(prefix="d3qe-soak-") as workdir,
     ):
-        all_cases = cases(client.get_model_config("d3qe").config.max_batch_size, Path(workdir))
+        all_cases = cases(client.get_model_config(IMAGE_ENTRANCE).config.max_batch_size, Path(workdir))
         score_alone(client, [c for c in all_cases if c.expect is None])
-        print(f"d3qe soak: {args.rate:g} requests/s for {args.seconds:g} s on {url}, {len(all_cases)} cases")
+        print(f"d3qe soak: {load.rate:g} requests/s for {load.seconds:g} s on {grpc_url}, {len(all_cases)} cases")
         memory = MemorySampler(server) if server else None  # only a server this soak started is measured
         with memory or contextlib.nullcontext():
-            ledger, throttled = soak(url, all_cases, args)
-        policy = server_policy(url, server.model_repository) if server else {}
-    summary = summarize(ledger, all_cases, args.seconds)
+            ledger, throttled = soak(grpc_url, all_cases, load)
+        policy = server_policy(grpc_url, server.model_repository) if server else {}
+    summary = summarize(ledger, all_cases, load.seconds)
     memory_summary = memory.summary() if memory else None
     report = {
         "title": f"d3qe soak on {machine_slug(info)}, {date}",
         "date": date,
         "machine": info,
         "versions": tool_versions(commit=True),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {
+            "model_repository": str(repository),
+            "url": url,
+            **dataclasses.asdict(load),
+            "out": None if out is None else str(out),
+        },
         "client_waited_s": round(throttled, 1),
         "server_policy": policy,
         "server_memory_mib": memory_summary,
@@ -410,10 +441,4 @@ def run(args: argparse.Namespace) -> int:
         [(t, memory.total(m)) for t, m in memory.samples] if memory else [],
         report["title"],
     )
-    print_summary(summary)
-    if memory_summary:
-        print(f"server memory, MiB (anonymous per process + shared-memory regions): {memory_summary['total']}")
-        for part, mib in memory_summary["by_part"].items():
-            print(f"  {part}: " + ", ".join(f"{k} {v}" for k, v in mib.items()))
-    print(f"wrote {out_dir}/soak.json, soak.png")
-    return 0 if summary["wrong"] == summary["unexpected"] == summary["duplicated"] == summary["lost"] == 0 else 1
+    return Results.written(report, out_dir, "soak.json", "soak.png")

@@ -1,7 +1,7 @@
 """The video benchmark: frames/s of decoding, of scoring through the server, and of both, on a generated clip.
 
-    python -m benchmarks.video --repo build/model_repository [--seconds 60] [--every-frame]
-    python -m benchmarks.video --url localhost:8001
+    d3qe bench-video --repo build/model_repository [--seconds 60] [--every-frame]
+    d3qe bench-video --url localhost:8001
 
 The clip is generated here with PyAV in a temporary folder: `--seconds` of 1280×720 at `--rate` frames/s,
 H.264 yuv420p (smooth colour fields drifting and a square moving across them). Measured at `--fps`
@@ -14,12 +14,11 @@ H.264 yuv420p (smooth colour fields drifting and a square moving across them). M
 - end to end: `client.video.score_video` on the file (decoding overlaps the requests in flight).
 
 `--every-frame` also times decoding every frame to RGB (no scoring). Writes `video.json` and `video.png`
-under `benchmarks/results/<machine>-<date>/`.
+under `benchmarks/results/<machine>-<date>/` (under the working directory).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -29,8 +28,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from d3qe_serve.benchmarks import report_header, results_dir, save_figure
+from d3qe_serve.benchmarks import Results, report_header, results_dir, save_figure
 from d3qe_serve.serving.host import machine
+from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 if TYPE_CHECKING:
     from d3qe_serve.client.grpc_client import D3QEClient
@@ -97,19 +97,21 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     save_figure(fig, path, title, fontsize=9)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", type=Path, default=Path("build/model_repository"), help="served (started here)")
-    p.add_argument("--url", help="a running server instead of one started on --repo")
-    p.add_argument("--seconds", type=float, default=60.0, help="length of the generated 720p clip")
-    p.add_argument("--rate", type=int, default=30, help="the clip's frame rate")
-    p.add_argument("--fps", type=float, default=2.0, help="frames scored per second of video")
-    p.add_argument("--every-frame", action="store_true", help="also time decoding every frame (no scoring)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
-    args = p.parse_args(argv)
-
+def bench_video(
+    *,
+    repo: Path = DEFAULT_REPOSITORY,
+    url: str | None = None,
+    seconds: float = 60.0,
+    rate: int = 30,
+    fps: float = 2.0,
+    every_frame: bool = False,
+    batch_size: int = 8,
+    concurrency: int = 4,
+    out: Path | None = None,
+) -> Results:
+    """A `seconds` long 720p clip at `rate` frames/s, scored at `fps` by the server at `url`, else by one started
+    on `repo` (`batch_size` frames a request, `concurrency` in flight); `every_frame`: also time decoding every
+    frame. Writes video.json and video.png to `out` (default `results_dir`)."""
     from d3qe_serve.client.grpc_client import D3QEClient
     from d3qe_serve.client.video import VIDEO_MODEL, decode_frames, score_video
     from d3qe_serve.serving.manifest import Manifest
@@ -117,28 +119,28 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine("cpu")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, served(args.url, args.repo) as (url, _):
+    with tempfile.TemporaryDirectory() as tmp, served(url, repo) as (grpc_url, _):
         elapsed, clip = _timed(
-            f"encoding a {args.seconds:g} s 720p clip",
-            lambda: make_clip(Path(tmp) / "clip.mp4", args.seconds, args.rate),
+            f"encoding a {seconds:g} s 720p clip",
+            lambda: make_clip(Path(tmp) / "clip.mp4", seconds, rate),
         )
-        source_frames = round(args.seconds * args.rate)
+        source_frames = round(seconds * rate)
         print(f"  {source_frames / elapsed:.1f} frames/s encoded", file=sys.stderr)
 
-        client = D3QEClient(url, VIDEO_MODEL, batch_size=args.batch_size, concurrency=args.concurrency)
+        client = D3QEClient(grpc_url, VIDEO_MODEL, batch_size=batch_size, concurrency=concurrency)
         model = client.wait_until_ready(600)
-        rows += decode_then_score(clip, client, args.fps, source_frames)
-        if args.every_frame:
+        rows += decode_then_score(clip, client, fps, source_frames)
+        if every_frame:
             every, count = _timed("decoding every frame", lambda: sum(1 for _ in decode_frames(clip, fps=None)))
             rows.append({"stage": "decode every frame", "frames": count, "seconds": every})
-        seconds, result = _timed("end to end", lambda: score_video(clip, client, fps=args.fps))
-        rows.append({"stage": f"end to end @{args.fps:g} fps", "frames": len(result.frames), "seconds": seconds})
+        took, result = _timed("end to end", lambda: score_video(clip, client, fps=fps))
+        rows.append({"stage": f"end to end @{fps:g} fps", "frames": len(result.frames), "seconds": took})
         client.close()
     for r in rows:
         r["frames_per_s"] = r["frames"] / r["seconds"]
     served_model = {"name": model.name, "platform": model.platform, "max_batch_size": model.max_batch_size}
-    if not args.url:
-        manifest = Manifest.read(args.repo)
+    if not url:
+        manifest = Manifest.read(repo)
         served_model.update(
             runtime=manifest.runtime,
             precision=manifest.precision,
@@ -146,27 +148,28 @@ def main(argv: list[str] | None = None) -> int:
             seeded_weights=manifest.seeded_weights,
         )
     report = {
-        **report_header(f"D³QE on video, {args.seconds:g} s 1280×720 H.264 @{args.rate} fps", info),
+        **report_header(f"D³QE on video, {seconds:g} s 1280×720 H.264 @{rate} fps", info),
         "served": served_model,
-        "repository": None if args.url else str(args.repo),
+        "repository": None if url else str(repo),
         "settings": {
-            "seconds": args.seconds,
-            "rate": args.rate,
-            "fps": args.fps,
-            "batch_size": args.batch_size,
-            "concurrency": args.concurrency,
+            "seconds": seconds,
+            "rate": rate,
+            "fps": fps,
+            "batch_size": batch_size,
+            "concurrency": concurrency,
         },
         "rows": rows,
     }
-    out_dir = results_dir(info, args.out)
+    out_dir = results_dir(info, out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "video.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(out_dir / "video.png", rows, report["title"])
-    for r in rows:
-        print(f"{r['stage']:24} {r['frames']:6} frames in {r['seconds']:7.2f} s: {r['frames_per_s']:8.1f} frames/s")
-    print(f"wrote {out_dir}/video.json, video.png")
-    return 0
+    return Results.written(report, out_dir, "video.json", "video.png")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def summary_lines(report: dict) -> list[str]:
+    """Frames, seconds and frames/s of each stage."""
+    return [
+        f"{r['stage']:24} {r['frames']:6} frames in {r['seconds']:7.2f} s: {r['frames_per_s']:8.1f} frames/s"
+        for r in report["rows"]
+    ]

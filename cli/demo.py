@@ -11,39 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+from d3qe_serve.cli.options import add_weight_arguments, weight_options
 from d3qe_serve.client.results import ScoreResult
-from d3qe_serve.serving.inprocess import add_weight_arguments, detector_from_args
-from d3qe_serve.serving.manifest import Manifest
-from d3qe_serve.serving.server import DEFAULT_REPOSITORY, ServerError, TritonServer, free_endpoints
+from d3qe_serve.errors import ServerError
+from d3qe_serve.serving.endpoints import free_endpoints
+from d3qe_serve.serving.server import TritonServer
+from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "samples"  # package data: the tiny fixture's seven images
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-def reusable_export(repo: Path, args: argparse.Namespace) -> Manifest | None:
-    """The manifest of a validated export at `repo` of exactly these weights, with every part this version
-    exports and intact artifacts; else None."""
-    from d3qe_serve.d3qe.parts import EVIDENCE, PART_NAMES
-    from d3qe_serve.serving.manifest import checkpoint_record
-
-    try:
-        manifest = Manifest.read(repo)
-        for part in manifest.parts:
-            manifest.artifact(repo, part)
-    except (FileNotFoundError, ValueError):
-        return None
-    same_weights = (
-        manifest.passed
-        and manifest.parts.keys() == {*PART_NAMES, EVIDENCE}
-        and manifest.freq_bias == args.freq_bias
-        and manifest.checkpoint == checkpoint_record(args.checkpoint)
-        and manifest.vq_checkpoint == checkpoint_record(args.vq_checkpoint)
-        and (args.checkpoint or manifest.seeded_weights == {"preset": args.preset, "seed": args.seed})
-    )
-    return manifest if same_weights else None
 
 
 def compare(served: list[ScoreResult], eager: list[ScoreResult], tolerance: float) -> tuple[float, int, bool]:
@@ -74,39 +53,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from d3qe_serve.client.grpc_client import D3QEClient
     from d3qe_serve.client.score import expand_paths
-    from d3qe_serve.d3qe import CheckpointError
-    from d3qe_serve.errors import ValidationError
-    from d3qe_serve.export.driver import export_repository
+    from d3qe_serve.errors import CheckpointError, ValidationError
+    from d3qe_serve.export.driver import export_repository, reusable_export
     from d3qe_serve.export.validate import TOLERANCES
     from d3qe_serve.serving.inprocess import score_eager
     from d3qe_serve.serving.repository import write_repository
 
     repo = args.model_repository.resolve()
     items = [(str(p), p) for p in expand_paths(args.images)]
+    weights = weight_options(args)
     try:
-        model = detector_from_args(args)
+        model = weights.load()
     except CheckpointError as e:
         print(f"d3qe demo: {e}", file=sys.stderr)
         return 2
-    weights = args.checkpoint or f"seeded random weights ({args.preset}, seed {args.seed}: scores mean nothing)"
-    manifest = None if args.reexport else reusable_export(repo, args)
+    described = (
+        weights.checkpoint or f"seeded random weights ({weights.preset}, seed {weights.seed}: scores mean nothing)"
+    )
+    manifest = None if args.reexport else reusable_export(repo, weights)
     if manifest is None:
-        _say(f"[1/4] exporting {weights} to {repo} (ONNX Runtime fp32, validated against eager) …")
+        _say(f"[1/4] exporting {described} to {repo} (ONNX Runtime fp32, validated against eager) …")
         try:
-            manifest = export_repository(
-                model,
-                repo,
-                checkpoint=args.checkpoint,
-                vq_checkpoint=args.vq_checkpoint,
-                preset=args.preset,
-                seed=args.seed,
-                log=_say,
-            )
+            manifest = export_repository(model, repo, weights=weights, log=_say)
         except ValidationError as e:
             print(f"d3qe demo: the export failed validation:\n{e}", file=sys.stderr)
             return 1
     else:
-        _say(f"[1/4] {repo} already holds a validated export of {weights}: reused")
+        _say(f"[1/4] {repo} already holds a validated export of {described}: reused")
         write_repository(repo, manifest)  # configs and python models as this version of the code writes them
     endpoints = free_endpoints()
     _say(f"[2/4] starting tritonserver on {endpoints.grpc_url} (gRPC) …")

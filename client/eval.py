@@ -1,4 +1,4 @@
-"""`d3qe eval`: the paper's evaluation (accuracy, AP, real/fake accuracy per generator) through any runtime.
+"""The paper's evaluation (accuracy, AP, real/fake accuracy per generator) through any runtime (`d3qe eval`).
 
 Dataset layout, as upstream's test loader reads it: `DIR/<generator>/0_real|1_fake/*`, or
 `DIR/<generator>/<class>/0_real|1_fake/*`, or a single `DIR/0_real|1_fake/*`. Metrics as upstream's
@@ -6,7 +6,7 @@ Dataset layout, as upstream's test loader reads it: `DIR/<generator>/0_real|1_fa
 `average_precision_score(y_true, P)`; the mean row averages over generators.
 
 Robustness sweeps as upstream's `eval.py`, applied to the decoded RGB image before the standard transform:
-JPEG re-compression with PIL at each `--jpeg-quality`; crops at each `--crop-ratio` resized back to the
+JPEG re-compression with PIL at each `jpeg(quality)`; crops at each `crop(ratio)` resized back to the
 original size with nearest-neighbour. Upstream crops at a seeded random offset (and, through OpenCV's
 (width, height) order, swaps the sides of non-square images when resizing back); here the crop is
 centred and the size kept, so runs are deterministic.
@@ -14,12 +14,11 @@ centred and the size kept, so runs are deterministic.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
-import json
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from d3qe_serve.client.grpc_client import ModelMismatchError, ServerNotReadyError
-from d3qe_serve.client.results import InProcessRuntime, Item, Scorer, ScoreResult
-from d3qe_serve.client.score import add_runtime_arguments, open_runtime
+from d3qe_serve.client.results import Item, Scorer, ScoreResult
+from d3qe_serve.errors import InputError, MissingDependencyError, NotFoundError
 
 CLASSES = {"0_real": 0, "1_fake": 1}
 
@@ -51,10 +49,20 @@ def _samples(folder: Path) -> list[Sample]:
     ]
 
 
-def discover(root: Path) -> dict[str, list[Sample]]:
-    """Generator name → labelled images, in upstream's test layout."""
+def discover(root: Path, generators: Sequence[str] | None = None) -> dict[str, list[Sample]]:
+    """Generator name → labelled images, in upstream's test layout; `generators`: only these, in this order."""
+    dataset = _discover(Path(root))
+    if generators:
+        missing = sorted(set(generators) - set(dataset))
+        if missing:
+            raise NotFoundError(f"no such generator folder(s) under {root}: {missing}")
+        dataset = {g: dataset[g] for g in generators}
+    return dataset
+
+
+def _discover(root: Path) -> dict[str, list[Sample]]:
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root is not a folder: {root}")
+        raise NotFoundError(f"dataset root is not a folder: {root}")
     if _class_folders(root):
         return {root.name: _samples(root)}
     dataset: dict[str, list[Sample]] = {}
@@ -66,7 +74,7 @@ def discover(root: Path) -> dict[str, list[Sample]]:
             if nested:
                 dataset[gen.name] = nested
     if not dataset:
-        raise FileNotFoundError(f"no 0_real/ or 1_fake/ folders under {root} or its subfolders")
+        raise NotFoundError(f"no 0_real/ or 1_fake/ folders under {root} or its subfolders")
     return dataset
 
 
@@ -79,7 +87,7 @@ class Perturbation:
 
 
 def _decoded(path: Path):
-    """The image's RGB pixels as upstream reads them (PIL, `convert("RGB")`); ValueError when it cannot be.
+    """The image's RGB pixels as upstream reads them (PIL, `convert("RGB")`); InputError when it cannot be.
 
     The limits on size are the scorer's: it checks the perturbed image as it checks any other.
     """
@@ -89,7 +97,7 @@ def _decoded(path: Path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode {path.name}: {e}") from e
+        raise InputError(f"cannot decode {path.name}: {e}") from e
 
 
 def jpeg(quality: int) -> Perturbation:
@@ -103,7 +111,7 @@ def jpeg(quality: int) -> Perturbation:
 
 def crop(ratio: float) -> Perturbation:
     if not 0 < ratio <= 1:
-        raise ValueError(f"crop ratio must be in (0, 1], got {ratio}")
+        raise InputError(f"crop ratio must be in (0, 1], got {ratio}")
 
     def apply(path: Path) -> bytes:
         from PIL import Image
@@ -132,8 +140,15 @@ class Metrics:
     f_acc: float
 
 
+def require_metrics() -> None:
+    """Raise `MissingDependencyError` unless scikit-learn, which computes the metrics, is installed."""
+    if importlib.util.find_spec("sklearn") is None:
+        raise MissingDependencyError("its metrics need scikit-learn: pip install 'd3qe-serve[eval]'")
+
+
 def compute_metrics(generator: str, labels: np.ndarray, probs: np.ndarray, failed: int, threshold: float) -> Metrics:
     """Upstream's validate(): accuracy at P > threshold overall and per class, AP over P. NaN where undefined."""
+    require_metrics()
     from sklearn.metrics import accuracy_score, average_precision_score  # seconds to import: only when used
 
     pred = probs > threshold
@@ -167,50 +182,72 @@ class Scored:
     label: int
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting's evaluation (clean, or a perturbation): each generator's metrics and every image's score."""
+
+    name: str
+    rows: list[Metrics]
+    scored: dict[str, list[Scored]]  # generator → its images, in the dataset's order
+
+    @property
+    def failures(self) -> list[ScoreResult]:
+        return [s.result for per_gen in self.scored.values() for s in per_gen if not s.result.ok]
+
+    def as_dict(self) -> dict:
+        """The metrics (with the mean row; NaN as null) and every image's result with its label."""
+        return {
+            "metrics": [_json_metrics(r) for r in [*self.rows, mean_row(self.rows)]],
+            "images": {g: [dict(s.result.as_dict(), label=s.label) for s in v] for g, v in self.scored.items()},
+        }
+
+
 def evaluate(
     score: Scorer,
     dataset: dict[str, list[Sample]],
     perturbation: Perturbation | None = None,
     threshold: float = 0.5,
     progress: bool = True,
-) -> tuple[list[Metrics], dict[str, list[Scored]]]:
+) -> Setting:
     """Score every image (perturbed first, if asked) and compute each generator's metrics."""
+    require_metrics()
     rows, scored = [], {}
     for gen, samples in dataset.items():
-        label_of = {str(path): label for path, label in samples}
         desc = f"{perturbation.name if perturbation else 'clean'} {gen}"
         with tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
             results = _score_samples(score, samples, perturbation, bar)
-        ok = [r for r in results if r.ok]
-        labels = np.array([label_of[r.source] for r in ok], dtype=np.int64)
-        probs = np.array([r.probability for r in ok], dtype=np.float64)
-        rows.append(compute_metrics(gen, labels, probs, len(results) - len(ok), threshold))
-        scored[gen] = [Scored(r, label_of[r.source]) for r in results]
-    return rows, scored
+        pairs = [Scored(r, label) for r, (_, label) in zip(results, samples, strict=True)]
+        ok = [s for s in pairs if s.result.ok]
+        labels = np.array([s.label for s in ok], dtype=np.int64)
+        probs = np.array([s.result.probability for s in ok], dtype=np.float64)
+        rows.append(compute_metrics(gen, labels, probs, len(pairs) - len(ok), threshold))
+        scored[gen] = pairs
+    return Setting(perturbation.name if perturbation else "clean", rows, scored)
 
 
 def _score_samples(
     score: Scorer, samples: list[Sample], perturbation: Perturbation | None, bar: tqdm
 ) -> list[ScoreResult]:
-    """Every sample's result; one that cannot be perturbed (an undecodable file) fails alone."""
-    results: list[ScoreResult] = []
+    """Every sample's result, in the samples' order; one that cannot be perturbed (an undecodable file) fails
+    alone, in its slot, and is not sent."""
+    results: list[ScoreResult | None] = [None] * len(samples)
+    sent: deque[int] = deque()  # the slots of the items given to the scorer, whose results come in this order
 
     def items() -> Iterator[Item]:
-        for path, _ in samples:
-            if perturbation is None:
-                yield str(path), path
-                continue
+        for i, (path, _) in enumerate(samples):
             try:
-                yield str(path), perturbation.apply(path)
-            except ValueError as e:  # an undecodable file
-                results.append(ScoreResult.failed(str(path), f"{perturbation.name}: {e}"))
+                data = path if perturbation is None else perturbation.apply(path)
+            except InputError as e:  # an undecodable file
+                results[i] = ScoreResult.failed(str(path), f"{perturbation.name}: {e}")
                 bar.update()
+                continue
+            sent.append(i)
+            yield str(path), data
 
     for r in score(items()):
-        results.append(r)
+        results[sent.popleft()] = r
         bar.update()
-    order = {str(path): i for i, (path, _) in enumerate(samples)}
-    return sorted(results, key=lambda r: order[r.source])  # perturbation failures were added out of turn
+    return results
 
 
 def _pct(v: float) -> str:
@@ -236,61 +273,6 @@ def format_summary(settings: dict[str, list[Metrics]]) -> str:
         cells = [f"{_pct(r.acc)} / {_pct(r.ap)}" for r in [*rows, mean_row(rows)]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(["Acc / AP (%)", "", *lines])
-
-
-def add_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
-    p.add_argument(
-        "--dataroot", type=Path, required=True, help="DIR/<generator>/0_real|1_fake/* or DIR/0_real|1_fake/*"
-    )
-    p.add_argument("--generators", nargs="+", help="only these subfolders of DIR (default: all)")
-    add_runtime_arguments(p, in_process)
-    p.add_argument("--jpeg-quality", type=int, nargs="+", default=[], help="robustness: JPEG qualities, e.g. 95 75 50")
-    p.add_argument("--crop-ratio", type=float, nargs="+", default=[], help="robustness: crop ratios, e.g. 0.9 0.5")
-    p.add_argument("--out", type=Path, help="write metrics and every image's score to this JSON file")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def run(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> int:
-    if importlib.util.find_spec("sklearn") is None:
-        print("d3qe eval: its metrics need scikit-learn: pip install 'd3qe-serve[eval]'", file=sys.stderr)
-        return 2
-    try:
-        dataset = discover(args.dataroot)
-        perturbations = [None, *map(jpeg, args.jpeg_quality), *map(crop, args.crop_ratio)]
-    except (FileNotFoundError, ValueError) as e:
-        print(f"d3qe eval: {e}", file=sys.stderr)
-        return 2
-    if args.generators:
-        missing = sorted(set(args.generators) - set(dataset))
-        if missing:
-            print(f"d3qe eval: no such generator folder(s) under {args.dataroot}: {missing}", file=sys.stderr)
-            return 2
-        dataset = {g: dataset[g] for g in args.generators}
-    runtime = args.url if args.runtime == "server" else args.runtime
-    settings: dict[str, list[Metrics]] = {}
-    report = {"dataroot": str(args.dataroot), "runtime": args.runtime, "url": args.url, "settings": {}}
-    failed = 0
-    try:
-        with open_runtime(args, in_process) as score:
-            for perturbation in perturbations:
-                name = perturbation.name if perturbation else "clean"
-                rows, scored = evaluate(score, dataset, perturbation, args.threshold, args.progress)
-                settings[name] = rows
-                print(format_table(f"D³QE on {args.dataroot} ({runtime}, {name})", rows) + "\n", flush=True)
-                for s in (s for per_gen in scored.values() for s in per_gen if not s.result.ok):
-                    print(f"d3qe eval: {name}: {s.result.source}: {s.result.error}", file=sys.stderr)
-                failed += sum(r.failed for r in rows)
-                report["settings"][name] = {
-                    "metrics": [_json_metrics(r) for r in [*rows, mean_row(rows)]],
-                    "images": {g: [dict(s.result.as_dict(), label=s.label) for s in v] for g, v in scored.items()},
-                }
-    except (ServerNotReadyError, ModelMismatchError) as e:
-        print(f"d3qe eval: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(settings))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1, allow_nan=False))
-    return 1 if failed else 0
 
 
 def _json_metrics(m: Metrics) -> dict:

@@ -15,12 +15,20 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, ScoreResult
+from d3qe_serve.contract import (
+    ATTENTION,
+    ERROR_MAP,
+    EVIDENCE_ENTRANCE,
+    FAKE_FREQ,
+    INDICES,
+    LOGIT,
+    PROB,
+    REAL_FREQ,
+    entrance,
+)
 from d3qe_serve.errors import EvidenceError
 
-EVIDENCE_MODEL = "d3qe_evidence"
-MAPS = ("ERROR_MAP", "ATTENTION")  # [16, 16] each
-TOKENS = ("INDICES", "REAL_FREQ", "FAKE_FREQ")  # [256] each
-OUTPUTS = ("LOGIT", "PROB", *MAPS, *TOKENS)
+EVIDENCE_MODEL = EVIDENCE_ENTRANCE
 
 
 @dataclass(frozen=True)
@@ -76,17 +84,24 @@ def fetch_evidence(
     threshold: float = DEFAULT_THRESHOLD,
 ) -> Evidence:
     """One encoded image through `model`; raises EvidenceError with the server's reason when it fails."""
-    tensor = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[image]], dtype=np.object_))
+    signature = entrance(EVIDENCE_ENTRANCE)
+    spec = signature.input
+    tensor = grpcclient.InferInput(spec.name, [1, *spec.dims], spec.triton_dtype)
+    tensor.set_data_from_numpy(np.array([[image]], dtype=spec.dtype))
+    outputs = [grpcclient.InferRequestedOutput(n) for n in signature.output_names]
     try:
-        answer = grpc.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(n) for n in OUTPUTS])
+        answer = grpc.infer(model, [tensor], outputs=outputs)
     except InferenceServerException as e:
         raise EvidenceError(f"{source}: {e.message()}") from e
-    out = {n: answer.as_numpy(n) for n in OUTPUTS}
+    out = {n: answer.as_numpy(n) for n in signature.output_names}
     missing = [n for n, v in out.items() if v is None]
     if missing:
         raise EvidenceError(f"{source}: model {model!r} returned no {', '.join(missing)}")
     return Evidence(
-        ScoreResult.from_scores(source, float(out["LOGIT"].item()), float(out["PROB"].item()), threshold),
-        *(out[n][0] for n in (*MAPS, *TOKENS)),
+        ScoreResult.from_scores(source, float(out[LOGIT].item()), float(out[PROB].item()), threshold),
+        error_map=out[ERROR_MAP][0],
+        attention=out[ATTENTION][0],
+        indices=out[INDICES][0],
+        real_freq=out[REAL_FREQ][0],
+        fake_freq=out[FAKE_FREQ][0],
     )

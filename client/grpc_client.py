@@ -38,12 +38,15 @@ from tritonclient.utils import InferenceServerException, serialize_byte_tensor, 
 
 from d3qe_serve.client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, ScoreResult
+from d3qe_serve.contract import IMAGE, IMAGE_ENTRANCE, LOGIT, PROB, RGB, RGB_ENTRANCE, entrance
 from d3qe_serve.errors import ModelMismatchError, ServerNotReadyError
 
 DEFAULT_URL = "localhost:8001"
-DEFAULT_MODEL = "d3qe"
-IMAGE, RGB, LOGIT, PROB = "IMAGE", "RGB", "LOGIT", "PROB"
-INPUT_TYPES = {IMAGE: "BYTES", RGB: "UINT8"}  # the image inputs this client sends, and their Triton types
+DEFAULT_MODEL = IMAGE_ENTRANCE  # encoded image files; RGB_ENTRANCE takes decoded pixels
+# What this client sends and reads, as the contract's two image entrances declare it: the image input by
+# name (IMAGE: BYTES, RGB: UINT8), and the scores.
+INPUTS = {e.input.name: e.input for e in map(entrance, (IMAGE_ENTRANCE, RGB_ENTRANCE))}
+OUTPUTS = entrance(IMAGE_ENTRANCE).outputs  # LOGIT, PROB
 
 RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
 # Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.
@@ -166,11 +169,12 @@ def _check_metadata(metadata: dict, config: dict) -> ModelInfo:
     inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
     outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}
     name = metadata.get("name", "?")
-    image_inputs = [n for n, kind in INPUT_TYPES.items() if inputs == {n: kind}]
-    if not image_inputs or outputs.get(LOGIT) != "FP32" or outputs.get(PROB) != "FP32":
+    image_inputs = [n for n, t in INPUTS.items() if inputs == {n: t.triton_dtype}]
+    if not image_inputs or any(outputs.get(t.name) != t.triton_dtype for t in OUTPUTS):
+        wanted_inputs = " or ".join(f"{t.name}: {t.triton_dtype}" for t in INPUTS.values())
+        wanted_outputs = ", ".join(f"{t.name}: {t.triton_dtype}" for t in OUTPUTS)
         raise ModelMismatchError(
-            f"model {name!r} has inputs {inputs} and outputs {outputs}; "
-            f"expected {IMAGE}: BYTES or {RGB}: UINT8 → {LOGIT}: FP32, {PROB}: FP32"
+            f"model {name!r} has inputs {inputs} and outputs {outputs}; expected {wanted_inputs} → {wanted_outputs}"
         )
     cfg = config.get("config", config)
     return ModelInfo(
@@ -275,7 +279,7 @@ class _ClientBase:
             data = np.array([[p] for _, p in batch], dtype=np.object_)
         if self.max_batch_size == 0:  # a model without batching takes one image, without the batch axis
             data = data[0]
-        tensor = grpcclient.InferInput(self.input, list(data.shape), INPUT_TYPES[self.input])
+        tensor = grpcclient.InferInput(self.input, list(data.shape), INPUTS[self.input].triton_dtype)
         if slot is None:
             tensor.set_data_from_numpy(data)
         elif self.input == RGB:

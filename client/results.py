@@ -1,13 +1,11 @@
-"""The types every runtime shares: the image it takes, the result it gives, and the in-process runtime plug.
+"""The types every runtime shares: the image it takes, the result it gives, and the scorer's signature.
 
-These are the only definitions of `client` that other tiers import (serving's in-process runtime
-produces `ScoreResult`s); this module imports nothing of ours.
+These are the only definitions of `client` that other tiers import (serving's in-process scorers
+produce `ScoreResult`s); this module imports nothing of ours.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -54,20 +52,5 @@ class ScoreResult:
         return asdict(self)
 
 
-# A runtime scores items, one result each, in their order.
+# A runtime scores items: exactly one result per item, in input order, a failed item in its own slot.
 Scorer = Callable[[Iterable[Item]], Iterator[ScoreResult]]
-
-
-@dataclass(frozen=True)
-class InProcessRuntime:
-    """A runtime other than the server that `d3qe score` and `d3qe eval` offer as `--runtime NAME`.
-
-    Defined by a higher tier (the eager model is `serving.inprocess.EAGER`) and handed to the commands by
-    the CLI, so that the client imports no model code: `add_arguments` adds its options, `open` turns the
-    parsed options into a `Scorer` for the duration of a `with` block.
-    """
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    open: Callable[[argparse.Namespace], contextlib.AbstractContextManager[Scorer]]

@@ -13,7 +13,7 @@ The reward is `1 − P(generated)` by default (`score="real"`: high when the det
 real) or `−logit` (`score="neg_logit"`). `info` holds per image `logit`, `p_generated`, `verdict` and
 `error`: an image that cannot be scored (NaN or out-of-range pixels, too small, wrong channels) gets
 reward NaN and its error, and the rest of the call is scored. Combining with other rewards — weights,
-per-prompt-group normalisation — is the trainer's (see the README's "Use as an RL reward").
+per-prompt-group normalisation — is the trainer's (see docs/reward.md).
 
 Thread-safe: one `D3QEReward` may be called from many threads at once (each call keeps `concurrency`
 requests in flight; UNAVAILABLE refusals are retried with backoff). `AsyncD3QEReward` is the asyncio
@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from d3qe_serve.client.grpc_client import AsyncD3QEClient, D3QEClient, RetryPolicy
+from d3qe_serve.client.grpc_client import DEFAULT_URL, AsyncD3QEClient, D3QEClient, RetryPolicy
 from d3qe_serve.client.results import ScoreResult
+from d3qe_serve.contract import RGB_ENTRANCE
 
-DEFAULT_MODEL = "d3qe_rgb"
 SCORES = ("real", "neg_logit")
 
 
@@ -105,10 +105,10 @@ class _RewardBase:
 
     def __init__(
         self,
-        url: str = "localhost:8001",
+        url: str = DEFAULT_URL,
         *,
         score: str = "real",
-        model: str = DEFAULT_MODEL,
+        model: str = RGB_ENTRANCE,  # decoded pixels, sent as they are
         chunk_size: int = 8,
         concurrency: int = 4,
         timeout: float = 300.0,
@@ -130,20 +130,20 @@ class _RewardBase:
 
     def _items(self, images: Any) -> tuple[list[np.ndarray | _Bad], list[tuple[str, np.ndarray]]]:
         converted = rgb_images(images)
-        return converted, [(str(i), a) for i, a in enumerate(converted) if isinstance(a, np.ndarray)]
+        return converted, [(f"image {i}", a) for i, a in enumerate(converted) if isinstance(a, np.ndarray)]
 
     def _result(self, converted: list[np.ndarray | _Bad], results: list[ScoreResult]) -> tuple[np.ndarray, dict]:
-        by_index = {int(r.source): r for r in results}
+        """Scores and `info` of every image: `results` are those of the images sent, in input order."""
+        sent = iter(results)
         n = len(converted)
         logit = np.full(n, np.nan, dtype=np.float32)
         p_generated = np.full(n, np.nan, dtype=np.float32)
         verdict: list[str | None] = [None] * n
         error: list[str | None] = [None] * n
         for i, image in enumerate(converted):
-            r = by_index.get(i)
             if isinstance(image, _Bad):
                 error[i] = image.error
-            elif r.ok:
+            elif (r := next(sent)).ok:
                 logit[i], p_generated[i], verdict[i] = r.logit, r.probability, r.verdict
             else:
                 error[i] = f"image {i}: {r.error}"

@@ -1,40 +1,18 @@
-"""`d3qe score`: score image and video files through the Triton server (default) or an in-process runtime.
+"""Scoring files: image and video paths and folders through any `Scorer` (the server's client, or in-process).
 
-Videos (`VIDEO_SUFFIXES`) are decoded here and their sampled frames sent as RGB pixels (the server's
-`--video-model` entrance, `d3qe_rgb`; see `client.video`); each gives one summary line, or with `--json`
-one object holding every frame's score and its `fake_periods`. An animated GIF stays an image, scored
-by its first frame as before: convert it to a video file for per-frame scores. `--csv` holds one row per
-image and takes no videos.
+`expand_paths` turns the paths and folders given into files, `partition` splits them into images and
+videos (`VIDEO_SUFFIXES`), and `score_videos` scores each video's sampled frames (`client.video`). Images
+are scored by the scorer itself: `score((str(p), p) for p in images)`. An animated GIF is an image,
+scored by its first frame: convert it to a video file for per-frame scores.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import json
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TextIO
 
-from d3qe_serve.client.grpc_client import (
-    DEFAULT_MODEL,
-    DEFAULT_URL,
-    D3QEClient,
-    ModelMismatchError,
-    ServerNotReadyError,
-)
-from d3qe_serve.client.results import DEFAULT_THRESHOLD, InProcessRuntime, Scorer, ScoreResult
-from d3qe_serve.client.video import (
-    DEFAULT_FPS,
-    VIDEO_MODEL,
-    VIDEO_SUFFIXES,
-    VideoError,
-    VideoResult,
-    plot_timeline,
-    score_video,
-)
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer
+from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoError, VideoResult, plot_timeline, score_video
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -50,148 +28,30 @@ def expand_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def write_results(results: Iterable[ScoreResult], fmt: str, out: TextIO | None = None) -> int:
-    """Print one row per image (to stdout as it is at the call); returns the number of failed images."""
-    out = out or sys.stdout
-    failed = 0
-    writer = None
-    for r in results:
-        failed += not r.ok
-        if fmt == "json":
-            print(json.dumps(r.as_dict()), file=out, flush=True)
-        elif fmt == "csv":
-            if writer is None:
-                writer = csv.DictWriter(out, fieldnames=list(r.as_dict()))
-                writer.writeheader()
-            writer.writerow(r.as_dict())
-        elif r.ok:
-            print(f"{r.source}\tlogit={r.logit:+.4f}\tp={r.probability:.4f}\t{r.verdict}", file=out, flush=True)
-        else:
-            print(f"{r.source}\tERROR: {r.error}", file=out, flush=True)
-    return failed
+def partition(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """(images, videos), each in the order given: a video is a file with a suffix of `VIDEO_SUFFIXES`."""
+    images, videos = [], []
+    for p in paths:
+        (videos if p.suffix.lower() in VIDEO_SUFFIXES else images).append(p)
+    return images, videos
 
 
-def write_video(result: VideoResult, fmt: str, out: TextIO | None = None) -> None:
-    """Print a video's result: its JSON object (every field), or one summary line."""
-    out = out or sys.stdout
-    if fmt == "json":
-        print(json.dumps(result.as_dict()), file=out, flush=True)
-    elif result.error is not None:
-        print(f"{result.source}\tERROR: {result.error}", file=out, flush=True)
-    else:
-        failed = sum(f.error is not None for f in result.frames)
-        periods = ", ".join(f"{a:.2f}-{b:.2f}s (peak {p:.3f})" for a, b, p in result.fake_periods) or "none"
-        print(
-            f"{result.source}\tvideo, {len(result.frames)} frames"
-            + (f" ({failed} failed)" if failed else "")
-            + f"\tp_mean={result.p_mean:.4f}\tp_top10={result.p_topk:.4f}\t{result.verdict}"
-            + f"\tfake periods: {periods}",
-            file=out,
-            flush=True,
-        )
-
-
-def add_runtime_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
-    """Where the model runs: options shared by `d3qe score` and `d3qe eval`."""
-    p.add_argument(
-        "--runtime",
-        choices=["server", *(r.name for r in in_process)],
-        default="server",
-        help="the Triton server over gRPC (default)" + "".join(f"; {r.name}: {r.help}" for r in in_process),
-    )
-    p.add_argument("--url", default=DEFAULT_URL, help="server: gRPC address host:port")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="server: the ensemble taking encoded images")
-    p.add_argument("--concurrency", type=int, default=4, help="server: requests in flight")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="server: seconds to wait per request (the server still finishes it)",
-    )
-    p.add_argument("--ready-timeout", type=float, default=30.0, help="server: seconds to wait for it to be ready")
-    p.add_argument(
-        "--shared-memory",
-        action="store_true",
-        help="server: send images through system shared memory (client and server on one host)",
-    )
-    for runtime in in_process:
-        runtime.add_arguments(p)
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
-
-
-@contextlib.contextmanager
-def open_runtime(
-    args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = (), model: str | None = None
-) -> Iterator[Scorer]:
-    """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first.
-    `model`: the server's entrance, if not `args.model`."""
-    for runtime in in_process:
-        if args.runtime == runtime.name:
-            with runtime.open(args) as score:
-                yield score
-            return
-    with D3QEClient(
-        args.url,
-        model or args.model,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        threshold=args.threshold,
-        shared_memory=args.shared_memory,
-    ) as client:
-        client.wait_until_ready(timeout=args.ready_timeout)
-        yield client.score
-
-
-def add_arguments(p: argparse.ArgumentParser, in_process: Sequence[InProcessRuntime] = ()) -> None:
-    p.add_argument("paths", nargs="+", help="image and video files, and folders (searched recursively)")
-    add_runtime_arguments(p, in_process)
-    video = p.add_argument_group("videos (" + " ".join(sorted(VIDEO_SUFFIXES)) + ")")
-    video.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames scored per second of video")
-    video.add_argument("--every-frame", action="store_true", help="score every frame (not --fps)")
-    video.add_argument("--plot", type=Path, metavar="DIR", help="write a timeline PNG per video into DIR")
-    video.add_argument("--video-model", default=VIDEO_MODEL, help="server: the ensemble taking decoded RGB pixels")
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="one JSON object per line")
-    fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")
-    p.set_defaults(fmt="text")
-
-
-def score_videos(args: argparse.Namespace, videos: list[Path], score: Scorer) -> int:
-    """Score and print each video (one that cannot be decoded prints its error); returns the number failed."""
-    failed = 0
+def score_videos(
+    videos: Iterable[Path],
+    score: Scorer,
+    *,
+    fps: float = DEFAULT_FPS,
+    every_frame: bool = False,
+    threshold: float = DEFAULT_THRESHOLD,
+    plot_dir: Path | None = None,
+) -> Iterator[VideoResult]:
+    """Each video's result, in order (`score_video`); one that cannot be decoded gives its failed result.
+    `plot_dir`: a timeline PNG per decoded video there, named after the video."""
     for path in videos:
         try:
-            result = score_video(path, score, fps=args.fps, every_frame=args.every_frame, threshold=args.threshold)
+            result = score_video(path, score, fps=fps, every_frame=every_frame, threshold=threshold)
         except VideoError as e:
             result = VideoResult.failed(str(path), str(e))
-        write_video(result, args.fmt)
-        if args.plot and result.error is None:
-            plot_timeline(result, args.plot / f"{path.name}.png")
-        failed += not result.ok
-    return failed
-
-
-def run(args: argparse.Namespace, in_process: Sequence[InProcessRuntime] = ()) -> int:
-    paths = list(expand_paths(args.paths))
-    videos = [p for p in paths if p.suffix.lower() in VIDEO_SUFFIXES]
-    images = [p for p in paths if p.suffix.lower() not in VIDEO_SUFFIXES]
-    if videos and args.fmt == "csv":
-        print("d3qe score: --csv holds one row per image; score videos with --json or the text output", file=sys.stderr)
-        return 2
-    try:
-        with contextlib.ExitStack() as stack:
-            failed = 0
-            score = None
-            if images or not videos:  # nothing to score still checks the runtime, as it always has
-                score = stack.enter_context(open_runtime(args, in_process))
-                failed += write_results(score((str(p), p) for p in images), args.fmt)
-            if videos:
-                if score is None or args.runtime == "server":  # the server takes frames at another entrance
-                    score = stack.enter_context(open_runtime(args, in_process, model=args.video_model))
-                failed += score_videos(args, videos, score)
-    except (ServerNotReadyError, ModelMismatchError) as e:
-        print(f"d3qe score: {e}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
+        if plot_dir is not None and result.error is None:
+            plot_timeline(result, Path(plot_dir) / f"{path.name}.png")
+        yield result

@@ -45,9 +45,10 @@ from tqdm import tqdm
 
 from d3qe_serve.client.grpc_client import D3QEClient
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer
-from d3qe_serve.errors import VideoError
+from d3qe_serve.contract import RGB_ENTRANCE
+from d3qe_serve.errors import MissingDependencyError, VideoError
 
-VIDEO_MODEL = "d3qe_rgb"  # the server's entrance for decoded pixels
+VIDEO_MODEL = RGB_ENTRANCE  # frames go to the server as decoded pixels
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi"}
 DEFAULT_FPS = 2.0
 MAX_FRAMES = 100_000  # sampled frames per video: 100 000 at 2 fps is almost 14 hours
@@ -101,7 +102,7 @@ def _av() -> Any:
     try:
         import av
     except ImportError:
-        raise SystemExit("d3qe: videos are decoded with PyAV: pip install 'd3qe-serve[video]'") from None
+        raise MissingDependencyError("videos are decoded with PyAV: pip install 'd3qe-serve[video]'") from None
     level = av.logging.get_level()
     if level is None or level < av.logging.ERROR:
         av.logging.set_level(av.logging.ERROR)
@@ -371,6 +372,7 @@ def score_video(
                 bar.total = decoded.expected
             bar.update()
             scores.append(r)
+    # Every `Scorer` keeps input order, a failed frame in its own slot: the i-th result is the i-th frame's.
     frame_scores = [
         FrameScore(t, r.logit, r.probability) if r.ok else FrameScore(t, error=r.error)
         for t, r in zip(times, scores, strict=True)

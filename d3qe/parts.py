@@ -1,10 +1,11 @@
 """The parts the Triton ensembles run, each declared once (the Optimum way): the three that score
 (`PART_NAMES`) and the evidence a reviewer asks for (`EVIDENCE`).
 
-A part declares its input and output tensors (name, dtype, shape with a symbolic batch axis), the
-ONNX opset, which outputs must agree exactly (code indices), and the `nn.Module` wrapper that exposes
-it over a loaded `D3QE`. Everything else reads these declarations: the export (ONNX, TensorRT,
-validation, manifests) and the serving tier (the torch runtime rebuilds a part's module from them).
+What a part takes and gives is the wire contract's (`d3qe_serve.contract.parts`: names, dtypes, shapes
+with -1 for the batch axis); here each part adds the ONNX opset, which outputs must agree exactly (code
+indices), how it may be quantised, and the `nn.Module` wrapper that exposes it over a loaded `D3QE`.
+Everything else reads these declarations: the export (ONNX, TensorRT, validation, manifests) and the
+serving tier (the torch runtime rebuilds a part's module from them).
 """
 
 from __future__ import annotations
@@ -15,26 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from d3qe_serve import contract
+from d3qe_serve.contract import CLIP_VISUAL, D3QE_HEAD, EVIDENCE, INDICES, VQ_ENCODER, Sizes, TensorSpec
+from d3qe_serve.contract import PART_NAMES as PART_NAMES  # the parts' names, read here by the export and serving
 from d3qe_serve.d3qe import D3QE
 from d3qe_serve.d3qe.config import D3QEConfig
 
-BATCH = "batch"  # the symbolic batch axis, axis 0 of every tensor
+BATCH = "batch"  # the name of the symbolic batch axis (axis 0 of every tensor) in the exported graphs
 OPSET = 18  # export/onnx_attention.py writes opset-18 onnxscript
-PART_NAMES = ("vq_encoder", "clip_visual", "d3qe_head")  # in the order the ensemble runs them
-EVIDENCE = "evidence"  # the fourth part: run only by the evidence ensemble, for reviewers
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int | str, ...]  # BATCH first
-
-    def concrete_shape(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == BATCH else d for d in self.shape)
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d == BATCH else d for d in self.shape]}
 
 
 def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -168,48 +157,27 @@ class PartSpec:
         return feeds
 
 
-def _pixels(cfg: D3QEConfig) -> TensorSpec:
-    return TensorSpec("PIXELS", "float32", (BATCH, 3, cfg.image_size, cfg.image_size))
+def sizes(cfg: D3QEConfig) -> Sizes:
+    """The sizes the contract's tensor shapes follow, for the architecture `cfg`."""
+    return Sizes(image_size=cfg.image_size, code_dim=cfg.vq.codebook_dim, clip_dim=cfg.clip.output_dim)
 
 
 def part_specs(cfg: D3QEConfig) -> dict[str, PartSpec]:
-    """The parts in the order the ensemble runs them, shaped for `cfg`."""
-    grid = cfg.image_size // 16  # VQ-16 downsamples by 16
-    residual = TensorSpec("RESIDUAL", "float32", (BATCH, cfg.vq.codebook_dim, grid, grid))
-    indices = TensorSpec("INDICES", "int64", (BATCH, grid * grid))
-    clip_feat = TensorSpec("CLIP_FEAT", "float32", (BATCH, cfg.clip.output_dim))
-    parts = [  # in PART_NAMES' order, then the evidence
-        PartSpec(
-            "vq_encoder",
-            VQEncoder,
-            (_pixels(cfg),),
-            (residual, indices),
-            exact_outputs=("INDICES",),
-            # No int8: its convolutions as static QDQ ran 1.6x faster but changed 40 % of the code indices.
-        ),
-        PartSpec("clip_visual", CLIPVisual, (_pixels(cfg),), (clip_feat,), int8_scopes=("clip_model.visual",)),
-        PartSpec(
-            "d3qe_head",
-            D3QEHead,
-            (residual, indices, clip_feat),
-            (TensorSpec("LOGIT", "float32", (BATCH, 1)), TensorSpec("PROB", "float32", (BATCH, 1))),
-            # No int8: the head is ~1 % of the time, and int8 added ~0.05 to the fixture's logits.
-        ),
-        PartSpec(
-            EVIDENCE,
-            Evidence,
-            (residual, indices),
-            (
-                TensorSpec("ERROR_MAP", "float32", (BATCH, grid, grid)),
-                TensorSpec("ATTENTION", "float32", (BATCH, grid, grid)),
-                TensorSpec("REAL_FREQ", "float32", (BATCH, grid * grid)),
-                TensorSpec("FAKE_FREQ", "float32", (BATCH, grid * grid)),
-            ),
-            fp32_only=True,
-        ),
+    """The parts in the order the ensemble runs them, then the evidence: the contract's tensors, shaped for `cfg`."""
+    served = contract.parts(sizes(cfg))
+
+    def spec(name: str, wrapper: type[nn.Module], **options) -> PartSpec:
+        return PartSpec(name, wrapper, served[name].inputs, served[name].outputs, **options)
+
+    parts = [
+        # No int8: its convolutions as static QDQ ran 1.6x faster but changed 40 % of the code indices.
+        spec(VQ_ENCODER, VQEncoder, exact_outputs=(INDICES,)),
+        spec(CLIP_VISUAL, CLIPVisual, int8_scopes=("clip_model.visual",)),
+        # No int8: the head is ~1 % of the time, and int8 added ~0.05 to the fixture's logits.
+        spec(D3QE_HEAD, D3QEHead),
+        spec(EVIDENCE, Evidence, fp32_only=True),
     ]
     return {p.name: p for p in parts}
-
 
 
 def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,14 +188,14 @@ def eager_tensors(model: D3QE, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         logit = model.classify(residual, indices, clip_feat)
         error_map, attention, real_freq, fake_freq = model.evidence(residual, indices)
     return {
-        "PIXELS": pixels,
-        "RESIDUAL": residual,
-        "INDICES": indices,
-        "CLIP_FEAT": clip_feat,
-        "LOGIT": logit,
-        "PROB": torch.sigmoid(logit),
-        "ERROR_MAP": error_map,
-        "ATTENTION": attention,
-        "REAL_FREQ": real_freq,
-        "FAKE_FREQ": fake_freq,
+        contract.PIXELS: pixels,
+        contract.RESIDUAL: residual,
+        contract.INDICES: indices,
+        contract.CLIP_FEAT: clip_feat,
+        contract.LOGIT: logit,
+        contract.PROB: torch.sigmoid(logit),
+        contract.ERROR_MAP: error_map,
+        contract.ATTENTION: attention,
+        contract.REAL_FREQ: real_freq,
+        contract.FAKE_FREQ: fake_freq,
     }

@@ -17,6 +17,7 @@ keep working. Libraries raise these; only `d3qe_serve.cli` turns them into messa
     ├── MissingDependencyError (ImportError)   what this needs is not installed; the message names the extra
     ├── ValidationError (RuntimeError)         an exported artifact disagrees with eager beyond its tolerance
     ├── MissingProviderError (RuntimeError)    a GPU asked for, and the runtime cannot use one
+    ├── CarryError (RuntimeError)              the GPU run's carry: too large to travel, or a file not as built
     └── ServerError (RuntimeError)             the server could not be found, prepared, started or reached
         ├── ServerNotReadyError                the server or a model did not become ready in time
         └── ModelMismatchError                 the served model does not have the interface asked for
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "BulkError",
+    "CarryError",
     "CheckpointError",
     "D3QEServeError",
     "EvidenceError",
@@ -90,6 +92,11 @@ class ValidationError(D3QEServeError, RuntimeError):
 
 class MissingProviderError(D3QEServeError, RuntimeError):
     """A GPU was asked for and the installed runtime cannot use one: an error, never a silent CPU run."""
+
+
+class CarryError(D3QEServeError, RuntimeError):
+    """The GPU run's carry (`benchmarks.gpu_carry`) exceeds what a device run takes, or a file of it is not the
+    one its manifest records."""
 
 
 class ServerError(D3QEServeError, RuntimeError):

@@ -1,32 +1,33 @@
-"""`d3qe export`: the parts → validated artifacts and `manifest.json`, laid out as a Triton repository."""
+"""The export: the parts → validated artifacts and `manifest.json`, laid out as a Triton repository.
+
+`export_model` is what `d3qe export` (cli/export.py) runs; `export_repository` exports a detector already
+built; `reusable_export` finds an existing export of the same weights (`d3qe demo`).
+"""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from d3qe_serve.d3qe import D3QE, CheckpointError, ImageError
-from d3qe_serve.d3qe.parts import PartSpec, eager_tensors, part_specs
+from d3qe_serve.d3qe import D3QE
+from d3qe_serve.d3qe.parts import EVIDENCE, PART_NAMES, PartSpec, eager_tensors, part_specs
 from d3qe_serve.errors import UnsupportedError, ValidationError
 from d3qe_serve.export.validate import TOLERANCES, validate_chain, validate_part, validation_pixels
 from d3qe_serve.serving.host import machine, tool_versions
-from d3qe_serve.serving.inprocess import add_weight_arguments, detector_from_args
-from d3qe_serve.serving.manifest import Manifest, PartEntry, TensorEntry, checkpoint_record, sha256_file
+from d3qe_serve.serving.inprocess import WeightOptions
+from d3qe_serve.serving.manifest import Manifest, PartEntry, checkpoint_record, sha256_file
 from d3qe_serve.serving.repository import write_repository
 from d3qe_serve.serving.runtimes import TORCH_DTYPES, runner_for
-from d3qe_serve.serving.server import DEFAULT_REPOSITORY
 
 RUNTIMES = ("onnxruntime", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ARTIFACTS = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": "model.safetensors"}
 VERSION = "1"
-# Where a precision is not offered, why. Measured or documented, see export/README.md.
+# Where a precision is not offered, why. Measured or documented, see docs/export.md.
 UNSUPPORTED = {
     ("onnxruntime", "fp16"): "slower than fp32 on this CPU (no native fp16 GEMM: CLIP 1.17 vs 1.01 s/image), "
     "and ORT 1.31's full graph optimisation crashes on the fp16 CLIP graph; on a GPU use --runtime tensorrt",
@@ -97,10 +98,7 @@ def _write_artifact(
 def new_manifest(
     model: D3QE,
     *,
-    checkpoint: str | Path | None,
-    vq_checkpoint: str | Path | None,
-    preset: str,
-    seed: int,
+    weights: WeightOptions,
     runtime: str,
     precision: str,
     max_batch: int,
@@ -111,19 +109,15 @@ def new_manifest(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine(device),
         tools=tool_versions(commit=True),
-        checkpoint=checkpoint_record(checkpoint),
-        vq_checkpoint=checkpoint_record(vq_checkpoint),
+        checkpoint=checkpoint_record(weights.checkpoint),
+        vq_checkpoint=checkpoint_record(weights.vq_checkpoint),
         freq_bias=model.freq_bias,
         config=model.cfg.to_json(),
         runtime=runtime,
         precision=precision,
         max_batch=max_batch,
-        seeded_weights=None if checkpoint else {"preset": preset, "seed": seed},
+        seeded_weights=None if weights.checkpoint else {"preset": weights.preset, "seed": weights.seed},
     )
-
-
-def _tensors(specs) -> list[TensorEntry]:
-    return [TensorEntry(**t.as_dict()) for t in specs]
 
 
 def _summary(measured: dict[str, dict]) -> str:
@@ -145,10 +139,7 @@ def export_repository(
     runtime: str = "onnxruntime",
     precision: str = "fp32",
     max_batch: int = 8,
-    checkpoint: str | Path | None = None,
-    vq_checkpoint: str | Path | None = None,
-    preset: str = "full",
-    seed: int = 0,
+    weights: WeightOptions | None = None,
     images: Sequence[Path] = (),
     plugin: bool = False,
     device: str = "cpu",
@@ -158,11 +149,17 @@ def export_repository(
 ) -> Manifest:
     """Export, validate and describe the parts of `model` under `out_dir`; returns the manifest.
 
+    `weights`: the options `model` was built with, recorded in the manifest (its `freq_bias` is the model's;
+    None: seeded weights of the default preset and seed).
+    `images`: up to 8 images to validate on besides seeded pixels; `device`: where validation runs (cpu,
+    cuda, cuda:N); `plugin`: TensorRT's fused-attention plugin; `compile`: the torch runtime's parts served
+    through torch.compile; `native_configs`: also the configs for NVIDIA's container (`configs/native.pbtxt`).
     Writes `manifest.json` even when validation fails (with the failures in it), then raises ValidationError.
     """
     check_supported(runtime, precision, device, plugin, compile)
     if max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {max_batch}")
+    weights = weights or WeightOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     specs = part_specs(model.cfg)
@@ -171,10 +168,7 @@ def export_repository(
     codebook = model.vq_model.quantize.embedding.weight.detach().numpy()
     manifest = new_manifest(
         model,
-        checkpoint=checkpoint,
-        vq_checkpoint=vq_checkpoint,
-        preset=preset,
-        seed=seed,
+        weights=weights,
         runtime=runtime,
         precision=precision,
         max_batch=max_batch,
@@ -196,8 +190,8 @@ def export_repository(
             file=str(path.relative_to(out_dir)),
             sha256=sha256_file(path),
             bytes=size,
-            inputs=_tensors(spec.inputs),
-            outputs=_tensors(spec.outputs),
+            inputs=list(spec.inputs),
+            outputs=list(spec.outputs),
             dynamic_axes={t: {str(a): n for a, n in axes.items()} for t, axes in spec.dynamic_axes().items()},
             max_batch=max_batch,
             export_seconds=round(seconds, 1),
@@ -227,63 +221,52 @@ def export_repository(
     return manifest
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_weight_arguments(p)
-    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take")
-    p.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="the Triton repository to write")
-    p.add_argument(
-        "--images", nargs="*", type=Path, default=[], help="up to 8 images to validate on, besides seeded pixels"
-    )
-    p.add_argument("--device", default="cpu", help="where validation runs: cpu, cuda, cuda:N")
-    p.add_argument(
-        "--trt-plugin",
-        action="store_true",
-        help="TensorRT: D³AT attention through the fused-kernel plugin (export/tensorrt_plugin.py)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch runtime: the served parts run through torch.compile (Inductor; CUDA graphs on a GPU), "
-        "each batch padded to a power of two",
-    )
-    p.add_argument(
-        "--native-configs",
-        action="store_true",
-        help="also write <part>/configs/native.pbtxt for NVIDIA's server container's onnxruntime_onnx / "
-        "tensorrt_plan backends (unverified here)",
+def export_model(
+    weights: WeightOptions,
+    out_dir: Path,
+    *,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    max_batch: int = 8,
+    images: Sequence[Path] = (),
+    plugin: bool = False,
+    device: str = "cpu",
+    native_configs: bool = False,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    """Build the detector `weights` name and export it (`export_repository`); returns the manifest."""
+    return export_repository(
+        weights.load(),
+        out_dir,
+        runtime=runtime,
+        precision=precision,
+        max_batch=max_batch,
+        weights=weights,
+        images=images,
+        plugin=plugin,
+        device=device,
+        native_configs=native_configs,
+        compile=compile,
+        log=log,
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
+def reusable_export(repo: Path, weights: WeightOptions) -> Manifest | None:
+    """The manifest of a validated export at `repo` of exactly these weights, with every part this version
+    exports and intact artifacts; else None."""
     try:
-        model = detector_from_args(args)
-        manifest = export_repository(
-            model,
-            args.out,
-            runtime=args.runtime,
-            precision=args.precision,
-            max_batch=args.max_batch,
-            checkpoint=args.checkpoint,
-            vq_checkpoint=args.vq_checkpoint,
-            preset=args.preset,
-            seed=args.seed,
-            images=args.images,
-            plugin=args.trt_plugin,
-            device=args.device,
-            native_configs=args.native_configs,
-            compile=args.compile,
-            log=log,
-        )
-    except ValidationError as e:
-        log(f"d3qe export: VALIDATION FAILED\n{e}")
-        return 1
-    except (UnsupportedError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
-        log(f"d3qe export: {e}")
-        return 2
-    log(f"wrote {args.out / 'manifest.json'}: {len(manifest.parts)} parts, validated")
-    return 0
+        manifest = Manifest.read(repo)
+        for part in manifest.parts:
+            manifest.artifact(repo, part)
+    except (FileNotFoundError, ValueError):
+        return None
+    same_weights = (
+        manifest.passed
+        and manifest.parts.keys() == {*PART_NAMES, EVIDENCE}
+        and manifest.freq_bias == weights.freq_bias
+        and manifest.checkpoint == checkpoint_record(weights.checkpoint)
+        and manifest.vq_checkpoint == checkpoint_record(weights.vq_checkpoint)
+        and (weights.checkpoint or manifest.seeded_weights == {"preset": weights.preset, "seed": weights.seed})
+    )
+    return manifest if same_weights else None

@@ -2,7 +2,7 @@
 
 Only MatMul/Gemm nodes inside a part's `int8_scopes` are quantised (the exporter records each
 node's module path in its metadata): int8 weights, uint8 activations with per-batch scales, so no
-calibration set. Chosen by measurement on this CPU (export/README.md): CLIP's transformer runs 1.7x
+calibration set. Chosen by measurement on this CPU (docs/export.md): CLIP's transformer runs 1.7x
 faster this way; static QDQ quantisation was no faster there and worse, and on the VQ encoder's
 convolutions it changed 40 % of the code indices.
 """

@@ -62,7 +62,7 @@ def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreemen
 # D³AT (same run: p99 6.8e-4, max 3.5e-3; the fixture's own images stay within its 1e-4,
 # tests/fixtures/REFERENCE.md). A near-tie flip moves its image's logit further (up to 1.8e-2 in that
 # run): reported, not held to LOGIT. Each reduced precision has its own row, set at about 2-2.5x the worst
-# error measured (export/README.md lists the measurements).
+# error measured (docs/export.md lists the measurements).
 # The evidence part (fp32 at every precision) is held to rounding: its outputs are shown, not thresholded
 # (tiny fixture: ERROR_MAP and the frequencies exact, ATTENTION 5.1e-9).
 EVIDENCE_TOLERANCE = {"ERROR_MAP": 1e-5, "ATTENTION": 1e-6, "REAL_FREQ": 1e-8, "FAKE_FREQ": 1e-8}

@@ -12,6 +12,8 @@ rejected here, a request never reaches the parallel vq_encoder ∥ clip_visual s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -19,22 +21,26 @@ import triton_python_backend_utils as pb_utils
 def problem(pixels: np.ndarray) -> str | None:
     """Why these pixels cannot be scored, or None."""
     if not np.isfinite(pixels).all():
-        return "PIXELS: contains NaN or infinity"
+        return "contains NaN or infinity"
     low, high = pixels.min(), pixels.max()
     if low < 0 or high > 1:
-        return f"PIXELS: values must lie in [0, 1] (RGB / 255, not normalised), got values in [{low:g}, {high:g}]"
+        return f"values must lie in [0, 1] (RGB / 255, not normalised), got values in [{low:g}, {high:g}]"
     return None
 
 
 class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])  # the tensors' names: the repository writer's
+        (self.input,), (self.output,) = [t["name"] for t in config["input"]], [t["name"] for t in config["output"]]
+
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
-            pixels = pb_utils.get_input_tensor_by_name(request, "PIXELS").as_numpy()
+            pixels = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
             why = problem(pixels)
             if why:
-                error = pb_utils.TritonError(why, pb_utils.TritonError.INVALID_ARG)
+                error = pb_utils.TritonError(f"{self.input}: {why}", pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("CHECKED", pixels)]))
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, pixels)]))
         return responses

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from d3qe_serve.contract import IMAGE
 from d3qe_serve.d3qe import ImageError, preprocess
 from d3qe_serve.serving.model_params import PreprocessParameters
 
 
 def _pixels(name: str, images: np.ndarray) -> np.ndarray:
     """One request's images → PIXELS [B, 3, 256, 256]; ImageError names the bad item."""
-    items = [bytes(x) for x in images.reshape(-1)] if name == "IMAGE" else list(images)
+    items = [bytes(x) for x in images.reshape(-1)] if name == IMAGE else list(images)
     out = []
     for i, item in enumerate(items):
         try:
@@ -47,7 +48,9 @@ def _error(message: str, code: int):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.input = PreprocessParameters.from_config(json.loads(args["model_config"])).input
+        config = json.loads(args["model_config"])
+        self.input = PreprocessParameters.from_config(config).input
+        (self.output,) = [t["name"] for t in config["output"]]  # PIXELS, as the repository writer names it
         # Decoding is single-threaded PIL; the model parts own the cores.
         torch.set_num_threads(1)
 
@@ -64,5 +67,5 @@ class TritonPythonModel:
                 message = f"{self.input} could not be preprocessed ({type(e).__name__}: {e})"
                 responses.append(_error(message, pb_utils.TritonError.INTERNAL))
                 continue
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("PIXELS", pixels)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, pixels)]))
         return responses

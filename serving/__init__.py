@@ -5,7 +5,9 @@
 - `inprocess`: the eager model in this process (`d3qe score --runtime eager`) and the weight options
 - `model_params`: the typed parameters of the python-backend models in `model_repository/`
 - `repository`: the Triton model repository writer (configs, ensembles, gates)
-- `server`: the `tritonserver` launcher (`d3qe serve`); `grpc_front`: the size-limiting gRPC front
+- `install`: finding a tritonserver and its python backend; `server_config`: its flags as data (and the
+  container's command); `endpoints`: its ports; `process`: a supervised child process group
+- `server`: `TritonServer`, the supervised server (`d3qe serve`); `grpc_front`: the size-limiting gRPC front
 - `host`: the machine and tool versions every record carries
 
 It imports the model (`d3qe`) and the client's result types (`client.results`), nothing of `export/`.

@@ -1,22 +1,22 @@
 """The model in this process: the options that choose its weights, building it, and scoring with it.
 
-`EAGER` and `EXPORTED` are the in-process runtimes the CLI hands to `d3qe score` and `d3qe eval`
-(`--runtime eager`: the eager model; `--runtime exported --repo DIR`: an export's parts chained here,
-as `d3qe bulk`'s actors run them); `d3qe export`, `d3qe demo` and the benchmarks build their detector with
-`detector_from_args`. Torch and the model are imported only when a runtime is opened, so that adding
-these options costs no start-up time.
+Two in-process scorers, each giving one `ScoreResult` per image in input order, a failed image in its own
+slot: the eager model (`score_eager`; `open_eager` builds it from `WeightOptions`), and an export's parts
+chained here as the ensemble wires them (`score_exported`; `open_exported` loads them, as `d3qe bulk`'s
+actors do). Torch and the model are imported only when a scorer is opened or called, so importing this
+module costs no start-up time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from d3qe_serve.client.results import DEFAULT_THRESHOLD, InProcessRuntime, Item, Scorer, ScoreResult
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
+from d3qe_serve.errors import D3QEServeError, ManifestError, MissingDependencyError, NotFoundError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,36 +49,40 @@ class WeightOptions:
 def _score_in_batches(
     items: Iterable[Item], forward: Callable[[torch.Tensor], list[float]], threshold: float, batch_size: int
 ) -> Iterator[ScoreResult]:
-    """Preprocess (source, image) pairs and score them `batch_size` at a time with `forward` (pixels → logits);
-    an image that fails to load is reported and its batch goes on."""
+    """Preprocess (source, image) pairs and score them `batch_size` at a time with `forward` (pixels → logits),
+    one result per item in input order: an image that fails to load keeps its slot among the batch's others."""
     import torch
 
     from d3qe_serve.d3qe import ImageError, preprocess
 
-    def run(batch: list[tuple[str, torch.Tensor]]) -> Iterator[ScoreResult]:
-        logits = forward(torch.stack([t for _, t in batch]))
-        for (source, _), logit in zip(batch, logits, strict=True):
-            yield ScoreResult.from_logit(source, logit, threshold)
+    # The items since the last forward pass, in order: each its pixels, or its failure already known.
+    waiting: list[tuple[str, torch.Tensor | ScoreResult]] = []
+    loaded = 0
 
-    batch: list[tuple[str, torch.Tensor]] = []
+    def flush() -> Iterator[ScoreResult]:
+        pixels = [x for _, x in waiting if not isinstance(x, ScoreResult)]
+        logits = iter(forward(torch.stack(pixels)) if pixels else [])
+        for source, x in waiting:
+            yield x if isinstance(x, ScoreResult) else ScoreResult.from_logit(source, next(logits), threshold)
+        waiting.clear()
+
     for source, image in items:
         try:
-            batch.append((source, preprocess(image)))
+            waiting.append((source, preprocess(image)))
+            loaded += 1
         except ImageError as e:
-            yield ScoreResult.failed(source, str(e))
-            continue
-        if len(batch) == batch_size:
-            yield from run(batch)
-            batch = []
-    if batch:
-        yield from run(batch)
+            waiting.append((source, ScoreResult.failed(source, str(e))))
+        if loaded == batch_size or not loaded:  # a full batch, or only failures waiting: nothing to hold them for
+            yield from flush()
+            loaded = 0
+    yield from flush()
 
 
 def score_eager(
     model: torch.nn.Module, items: Iterable[Item], threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8
 ) -> Iterator[ScoreResult]:
-    """Preprocess and score (source, bytes or path) pairs in batches; an image that fails to load is reported
-    and its batch goes on."""
+    """Preprocess and score (source, bytes, path or uint8 pixels) pairs in batches, one result each in input
+    order; an image that fails to load is reported in its slot and its batch goes on."""
     import torch
 
     def forward(pixels: torch.Tensor) -> list[float]:
@@ -125,45 +129,40 @@ def score_exported(
     return _score_in_batches(items, forward, threshold, size)
 
 
-@contextlib.contextmanager
-def _open_eager(args: argparse.Namespace) -> Iterator[Scorer]:
-    if importlib.util.find_spec("torch") is None:
-        raise SystemExit("d3qe: --runtime eager runs the model here: pip install 'd3qe-serve[model]'")
-    model = detector_from_args(args)
-    yield lambda items: score_eager(model, items, args.threshold, args.batch_size)
+def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"{what} needs {', '.join(missing)}: pip install 'd3qe-serve[{extra}]'")
 
 
-EAGER = InProcessRuntime(
-    "eager",
-    "the eager PyTorch model in this process (needs the [model] extra)",
-    lambda p: add_weight_arguments(p, role="eager: "),
-    _open_eager,
-)
+def open_eager(weights: WeightOptions, *, threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8) -> Scorer:
+    """The eager model of `weights`, built here, as a `Scorer` (`score_eager`). Needs the `model` extra."""
+    _require(("torch",), "model", "the eager model in this process")
+    model = weights.load()
+    return lambda items: score_eager(model, items, threshold, batch_size)
 
 
-def _add_exported_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repo", type=Path, help="exported: the repository `d3qe export` wrote (default: its --out)")
-    p.add_argument("--device", default="cpu", help="exported: cpu, or cuda[:N] (ONNX Runtime CUDA provider, TensorRT)")
-    p.add_argument("--threads", type=int, help="exported: intra-op threads (default: the runtime's own)")
+def open_exported(
+    repo: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 8,
+) -> Scorer:
+    """The parts of the export at `repo`, loaded and checked here, as a `Scorer` (`score_exported`).
 
-
-@contextlib.contextmanager
-def _open_exported(args: argparse.Namespace) -> Iterator[Scorer]:
-    if any(importlib.util.find_spec(m) is None for m in ("torch", "onnxruntime")):
-        raise SystemExit("d3qe: --runtime exported runs the exported parts here: pip install 'd3qe-serve[serve]'")
-    from d3qe_serve.serving.manifest import ManifestError
-    from d3qe_serve.serving.server import DEFAULT_REPOSITORY
-
+    `device`: cpu, or cuda[:N]; `threads`: intra-op threads (None: the runtime's own). Needs the `serve`
+    extra; raises `NotFoundError` where there is no export or an artifact is missing, `ManifestError` where
+    the manifest lacks a part or an artifact is not the file exported.
+    """
+    _require(("torch", "onnxruntime"), "serve", "an export's parts in this process")
     try:
-        runners = load_exported(args.repo or DEFAULT_REPOSITORY, args.device, args.threads)
-    except (OSError, KeyError, ManifestError) as e:  # no export there, a part missing, an artifact altered
-        raise SystemExit(f"d3qe: --runtime exported: {e}") from e
-    yield lambda items: score_exported(runners, items, args.threshold, args.batch_size)
-
-
-EXPORTED = InProcessRuntime(
-    "exported",
-    "an exported repository's parts chained in this process (--repo; needs the [serve] extra)",
-    _add_exported_arguments,
-    _open_exported,
-)
+        runners = load_exported(Path(repo), device, threads)
+    except D3QEServeError:
+        raise
+    except FileNotFoundError as e:  # no export there, or an artifact missing
+        raise NotFoundError(str(e)) from e
+    except KeyError as e:  # a part the manifest does not hold
+        raise ManifestError(e.args[0]) from e
+    return lambda items: score_exported(runners, items, threshold, batch_size)

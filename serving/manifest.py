@@ -1,8 +1,9 @@
 """`manifest.json` beside the artifacts: what was exported, from what, with what, and how it validated.
 
-One typed record (`Manifest`, its `PartEntry`s and their `TensorEntry`s), one reader (`Manifest.read`,
-which checks the format and every field) and one artifact check (`Manifest.artifact`). The export
-writes it; the runners, the repository writer, the demo and the benchmarks read it.
+One typed record (`Manifest` and its `PartEntry`s, whose tensors are the wire contract's
+`d3qe_serve.contract.TensorSpec`s), one reader (`Manifest.read`, which checks the format and every field)
+and one artifact check (`Manifest.artifact`). The export writes it; the runners, the repository writer,
+the demo and the benchmarks read it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d3qe_serve.contract import TensorSpec
 from d3qe_serve.errors import ManifestError
 
 MANIFEST = "manifest.json"
@@ -36,18 +38,6 @@ def checkpoint_record(path: str | Path | None) -> dict | None:
     return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: list[int]  # -1: the batch axis
-
-    @property
-    def dims(self) -> list[int]:
-        """The shape without the batch axis, as Triton configs state it."""
-        return self.shape[1:]
-
-
 @dataclass
 class PartEntry:
     runtime: str  # onnxruntime, tensorrt or torch
@@ -55,8 +45,8 @@ class PartEntry:
     file: str  # relative to the repository
     sha256: str
     bytes: int
-    inputs: list[TensorEntry]
-    outputs: list[TensorEntry]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     dynamic_axes: dict[str, dict[str, str]]
     max_batch: int
     export_seconds: float
@@ -134,7 +124,8 @@ class Manifest:
         return path
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The manifest as JSON holds it (tensor shapes as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def text(self) -> str:
         """The manifest as `write` writes it."""
@@ -195,5 +186,13 @@ def _fields(cls: type, data: dict, where: str) -> dict:
 def _part(data: dict, where: str) -> PartEntry:
     fields = _fields(PartEntry, data, where)
     for key in ("inputs", "outputs"):
-        fields[key] = [TensorEntry(**_fields(TensorEntry, t, f"{where}.{key}")) for t in fields[key]]
+        fields[key] = [_tensor(t, f"{where}.{key}") for t in fields[key]]
     return PartEntry(**fields)
+
+
+def _tensor(data: dict, where: str) -> TensorSpec:
+    fields = _fields(TensorSpec, data, where)
+    try:
+        return TensorSpec(**fields)
+    except ValueError as e:  # a dtype or shape the wire cannot carry
+        raise ManifestError(f"{where}: {e}") from e

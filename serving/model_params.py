@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from d3qe_serve.contract import IMAGE, RGB
+
 
 def _strings(config: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -74,6 +76,7 @@ class PreprocessParameters:
     @classmethod
     def from_config(cls, config: dict) -> PreprocessParameters:
         name = _strings(config).get("input")
-        if name not in ("IMAGE", "RGB"):
-            raise ValueError(f"model {config.get('name')!r}: its 'input' parameter must be IMAGE or RGB, got {name!r}")
+        if name not in (IMAGE, RGB):
+            model = config.get("name")
+            raise ValueError(f"model {model!r}: its 'input' parameter must be {IMAGE} or {RGB}, got {name!r}")
         return cls(name)

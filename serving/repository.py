@@ -19,8 +19,11 @@ are the export's):
     d3qe/, d3qe_rgb/, d3qe_tensor/, d3qe_evidence/   config.pbtxt, 1/model.py   the admission gates clients call,
                            one per ensemble
 
-The evidence ensemble (written when the export has the `evidence` part) shares the parts with the others:
-plain scoring never runs the evidence part, a reviewer's request runs it beside the head.
+Every tensor name, dtype and shape, the parts' and the entrances', is the wire contract's
+(`d3qe_serve.contract`); this module adds only what the server does with them: the step that checks an
+entrance's input first (`FIRST_STEPS`), batching, instances, queue policies. An entrance's ensemble runs
+the parts its outputs need (`parts_run`): the evidence ensemble (written when the export has the
+`evidence` part) shares the parts with the others, and plain scoring never runs the evidence part.
 
 A gate's queue policy is where overload is refused (see `admission_config`); the ensembles and the
 parts have none. `configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -40,10 +42,13 @@ import numpy as np
 import tritonclient.grpc.model_config_pb2 as mc
 from google.protobuf import text_format
 from PIL import Image
-from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
+from tritonclient.utils import serialize_byte_tensor
 
-from d3qe_serve.d3qe.parts import EVIDENCE, PART_NAMES
-from d3qe_serve.serving.manifest import Manifest, PartEntry, TensorEntry
+from d3qe_serve import contract
+from d3qe_serve.contract import IMAGE, PART_NAMES, PIXELS, RGB, Signature, TensorSpec, triton_dtype
+from d3qe_serve.d3qe.parts import sizes
+from d3qe_serve.errors import ManifestError
+from d3qe_serve.serving.manifest import Manifest, PartEntry
 from d3qe_serve.serving.model_params import GateParameters, PartParameters, PreprocessParameters
 
 MODELS_PACKAGE = "d3qe_serve.model_repository"  # its modules are the python-backend models, shipped as package code
@@ -55,13 +60,22 @@ WARMUP_IMAGE = "image"
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting at a gate; one more is refused at once
 DEFAULT_QUEUE_TIMEOUT_S = 120.0  # the client's default timeout: after that nobody waits for the answer
 DEFAULT_ADMITTED_BATCHES = 2  # batches in an ensemble at once per gate: one computing while the next is decoded
+CHECKED = "CHECKED"  # check_pixels' output: the client's PIXELS, checked (inside the ensemble only)
+# The model that checks an entrance's input before the parts run, by that input, and the tensor it hands them.
+FIRST_STEPS = {IMAGE: ("preprocess", PIXELS), RGB: ("preprocess_rgb", PIXELS), PIXELS: ("check_pixels", CHECKED)}
+
+
+def ensemble_name(entrance: str) -> str:
+    """The ensemble behind an entrance's gate."""
+    return f"{entrance}_pipeline"
 
 
 def _data_type(dtype: str) -> int:
-    return mc.DataType.Value("TYPE_" + np_to_triton_dtype(np.dtype(dtype)).replace("BYTES", "STRING"))
+    """A config's data type (its TYPE_STRING is the protocol's BYTES)."""
+    return mc.DataType.Value("TYPE_" + triton_dtype(dtype).replace("BYTES", "STRING"))
 
 
-def _add_tensors(fields, specs: list[TensorEntry]) -> None:
+def _add_tensors(fields, specs: tuple[TensorSpec, ...] | list[TensorSpec]) -> None:
     for t in specs:
         fields.add(name=t.name, data_type=_data_type(t.dtype), dims=t.dims)
 
@@ -103,7 +117,7 @@ def _parameters(config: mc.ModelConfig, params: dict[str, str]) -> None:
 
 
 def part_config(
-    name: str,
+    part: Signature,
     entry: PartEntry,
     *,
     device: str,
@@ -113,16 +127,16 @@ def part_config(
     compile: bool = False,
 ) -> mc.ModelConfig:
     """The python-backend model hosting one exported part (`entry`: the part's manifest record)."""
-    config = mc.ModelConfig(name=name, backend="python")
+    config = mc.ModelConfig(name=part.name, backend="python")
     _batching(config, entry.max_batch, queue_delay_us)
-    _add_tensors(config.input, entry.inputs)
-    _add_tensors(config.output, entry.outputs)
+    _add_tensors(config.input, part.inputs)
+    _add_tensors(config.output, part.outputs)
     _instances(config, device, instances)
-    _parameters(config, PartParameters(name, threads, compile).to_parameters())
+    _parameters(config, PartParameters(part.name, threads, compile).to_parameters())
     if device == "cuda":  # a GPU step's output reaches the next GPU step as it is (DLPack), not via the host
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
     warmup = config.model_warmup.add(name="zeros", batch_size=1)
-    for t in entry.inputs:
+    for t in part.inputs:
         warmup.inputs[t.name].data_type = _data_type(t.dtype)
         warmup.inputs[t.name].dims.extend(t.dims)
         warmup.inputs[t.name].zero_data = True
@@ -130,97 +144,80 @@ def part_config(
 
 
 def native_config(
-    name: str, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
+    part: Signature, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
 ) -> mc.ModelConfig:
     """The same part on NVIDIA's native ONNX Runtime / TensorRT backend (not runnable with the pytriton wheel)."""
     config = mc.ModelConfig(
-        name=name, platform=NATIVE_PLATFORMS[entry.runtime], default_model_filename=Path(entry.file).name
+        name=part.name, platform=NATIVE_PLATFORMS[entry.runtime], default_model_filename=Path(entry.file).name
     )
     _batching(config, entry.max_batch, queue_delay_us)
-    _add_tensors(config.input, entry.inputs)
-    _add_tensors(config.output, entry.outputs)
+    _add_tensors(config.input, part.inputs)
+    _add_tensors(config.output, part.outputs)
     _instances(config, device, instances)
     if entry.runtime == "onnxruntime":
         config.parameters["intra_op_thread_count"].string_value = str(threads)
     return config
 
 
-@dataclass(frozen=True)
-class Entrance:
-    """One way in: the gate clients call, the ensemble behind it, and its first step, which checks the input."""
-
-    gate: str
-    ensemble: str
-    first: str  # the first step's model
-    input: TensorEntry  # what clients send (shape with the batch axis first)
-    output: str  # the first step's output, PIXELS for the parts
-    evidence: bool = False  # also runs the evidence part and returns its outputs
-
-
-def entrances(pixels: TensorEntry, evidence: bool = False) -> tuple[Entrance, ...]:
-    """Encoded files (`d3qe`), decoded pixels of any size (`d3qe_rgb`), model input tensors (`d3qe_tensor`),
-    and with `evidence` encoded files with the reviewer's evidence (`d3qe_evidence`)."""
-    image = TensorEntry("IMAGE", "object", [-1, 1])
-    rgb = TensorEntry("RGB", "uint8", [-1, -1, -1, 3])
-    scoring = (
-        Entrance("d3qe", "d3qe_pipeline", "preprocess", image, "PIXELS"),
-        Entrance("d3qe_rgb", "d3qe_rgb_pipeline", "preprocess_rgb", rgb, "PIXELS"),
-        Entrance("d3qe_tensor", "d3qe_tensor_pipeline", "check_pixels", pixels, "CHECKED"),
-    )
-    if not evidence:
-        return scoring
-    return (*scoring, Entrance("d3qe_evidence", "d3qe_evidence_pipeline", "preprocess", image, "PIXELS", True))
+def parts_run(entrance: Signature, parts: dict[str, Signature]) -> list[str]:
+    """The parts an entrance's ensemble runs, in `parts`' order: each part whose outputs the entrance gives or a
+    later part takes."""
+    needed, run = set(entrance.output_names), []
+    for name in reversed(parts):
+        if needed & set(parts[name].output_names):
+            run.insert(0, name)
+            needed |= set(parts[name].input_names)
+    return run
 
 
 def preprocess_config(
-    entrance: Entrance, max_batch: int, image_size: int, queue_delay_us: int, instances: int = 1
+    entrance: Signature, pixels: TensorSpec, max_batch: int, queue_delay_us: int, instances: int = 1
 ) -> mc.ModelConfig:
     """Encoded files (IMAGE) or decoded pixels (RGB) → PIXELS, each warmed up with an image of its kind."""
-    config = mc.ModelConfig(name=entrance.first, backend="python")
+    model, _ = FIRST_STEPS[entrance.input.name]
+    config = mc.ModelConfig(name=model, backend="python")
     _batching(config, max_batch, queue_delay_us)
-    _add_tensors(config.input, [entrance.input])
-    config.output.add(name="PIXELS", data_type=mc.TYPE_FP32, dims=[3, image_size, image_size])
+    _add_tensors(config.input, entrance.inputs)
+    _add_tensors(config.output, [pixels])
     _instances(config, "cpu", instances)
     _parameters(config, PreprocessParameters(entrance.input.name).to_parameters())
     warmup = config.model_warmup.add(name="image", batch_size=1)
     tensor = warmup.inputs[entrance.input.name]
     tensor.data_type = _data_type(entrance.input.dtype)
-    if entrance.input.name == "IMAGE":
-        tensor.dims.append(1)
+    if entrance.input.name == IMAGE:
+        tensor.dims.extend(entrance.input.dims)
         tensor.input_data_file = WARMUP_IMAGE
-    else:  # a black image: valid pixels of every size the transform handles
-        tensor.dims.extend([image_size, image_size, 3])
+    else:  # a black image of the model's size: valid pixels of every size the transform handles
+        channels, height, width = pixels.dims
+        tensor.dims.extend([height, width, channels])
         tensor.zero_data = True
     return config
 
 
-def check_pixels_config(max_batch: int, pixels: TensorEntry, queue_delay_us: int) -> mc.ModelConfig:
-    config = mc.ModelConfig(name="check_pixels", backend="python")
+def check_pixels_config(max_batch: int, pixels: TensorSpec, queue_delay_us: int) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=FIRST_STEPS[PIXELS][0], backend="python")
     _batching(config, max_batch, queue_delay_us)
     _add_tensors(config.input, [pixels])
-    _add_tensors(config.output, [TensorEntry("CHECKED", pixels.dtype, pixels.shape)])
+    _add_tensors(config.output, [pixels.renamed(CHECKED)])
     _instances(config, "cpu", 1)
     return config
 
 
-def ensemble_config(entrance: Entrance, entries: dict[str, PartEntry], max_batch: int) -> mc.ModelConfig:
-    """The entrance's first step (preprocess, preprocess_rgb or check_pixels), then vq_encoder ∥ clip_visual →
-    d3qe_head (∥ evidence, returning the code indices too)."""
-    parts = [*PART_NAMES, EVIDENCE] if entrance.evidence else PART_NAMES
-    config = mc.ModelConfig(name=entrance.ensemble, platform="ensemble", max_batch_size=max_batch)
-    _add_tensors(config.input, [entrance.input])
-    _add_tensors(config.output, entries["d3qe_head"].outputs)
-    if entrance.evidence:
-        indices = next(t for t in entries["vq_encoder"].outputs if t.name == "INDICES")
-        _add_tensors(config.output, [indices, *entries[EVIDENCE].outputs])
-    step = config.ensemble_scheduling.step.add(model_name=entrance.first, model_version=-1)
+def ensemble_config(entrance: Signature, parts: dict[str, Signature], max_batch: int) -> mc.ModelConfig:
+    """The entrance's first step (preprocess, preprocess_rgb or check_pixels), then the parts its outputs need:
+    vq_encoder ∥ clip_visual → d3qe_head (∥ evidence)."""
+    config = mc.ModelConfig(name=ensemble_name(entrance.name), platform="ensemble", max_batch_size=max_batch)
+    _add_tensors(config.input, entrance.inputs)
+    _add_tensors(config.output, entrance.outputs)
+    first, handed_on = FIRST_STEPS[entrance.input.name]
+    step = config.ensemble_scheduling.step.add(model_name=first, model_version=-1)
     step.input_map[entrance.input.name] = entrance.input.name
-    step.output_map[entrance.output] = "pixels"  # ensemble-internal name; the ensemble's own input may be PIXELS
-    for part in parts:
+    step.output_map[handed_on] = "pixels"  # ensemble-internal name; the ensemble's own input may be PIXELS
+    for part in parts_run(entrance, parts):
         step = config.ensemble_scheduling.step.add(model_name=part, model_version=-1)
-        for t in entries[part].inputs:
-            step.input_map[t.name] = "pixels" if t.name == "PIXELS" else t.name
-        for t in entries[part].outputs:
+        for t in parts[part].inputs:
+            step.input_map[t.name] = "pixels" if t.name == PIXELS else t.name
+        for t in parts[part].outputs:
             step.output_map[t.name] = t.name
     return config
 
@@ -287,24 +284,18 @@ def _install_model(module: str, model_dir: Path) -> Path:
 
 
 def _write_first_step(
-    folder: Path,
-    entrance: Entrance,
-    pixels: TensorEntry,
-    image_size: int,
-    *,
-    max_batch: int,
-    queue_delay_us: int,
-    instances: int,
+    folder: Path, entrance: Signature, pixels: TensorSpec, *, max_batch: int, queue_delay_us: int, instances: int
 ) -> list[Path]:
     """The model that checks an entrance's input: `check_pixels`, or a decoding model (with its warm-up image)."""
-    if entrance.first == "check_pixels":
+    model, _ = FIRST_STEPS[entrance.input.name]
+    if entrance.input.name == PIXELS:
         config = check_pixels_config(max_batch, pixels, queue_delay_us)
-        return [_write_config(folder / "config.pbtxt", config), _install_model("check_pixels", folder)]
-    config = preprocess_config(entrance, max_batch, image_size, queue_delay_us, instances)
+        return [_write_config(folder / "config.pbtxt", config), _install_model(model, folder)]
+    config = preprocess_config(entrance, pixels, max_batch, queue_delay_us, instances)
     written = [_write_config(folder / "config.pbtxt", config), _install_model("preprocess", folder)]
-    if entrance.input.name == "IMAGE":
+    if entrance.input.name == IMAGE:
         (folder / "warmup").mkdir(exist_ok=True)
-        (folder / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(image_size))
+        (folder / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(pixels.dims[-1]))
         written.append(folder / "warmup" / WARMUP_IMAGE)
     return written
 
@@ -335,9 +326,10 @@ def write_repository(
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     out_dir = Path(out_dir)
-    cfg = manifest.d3qe_config()
-    evidence = EVIDENCE in manifest.parts  # exports before the evidence part have none
-    entries = {part: manifest.parts[part] for part in (*PART_NAMES, EVIDENCE) if part in manifest.parts}
+    shapes = sizes(manifest.d3qe_config())
+    served = contract.parts(shapes)
+    entries = {part: manifest.parts[part] for part in served if part in manifest.parts}  # older exports: no evidence
+    _check_parts(out_dir, served, entries)
     threads = threads or default_threads(instances)
     max_batch = min(e.max_batch for e in entries.values())
     options = {"device": device, "instances": instances, "threads": threads, "queue_delay_us": queue_delay_us}
@@ -345,26 +337,42 @@ def write_repository(
     if compile and (eager := sorted(p for p, e in entries.items() if e.runtime != "torch")):
         raise ValueError(f"compile applies to torch-runtime parts; {', '.join(eager)} are not")
     for part, entry in entries.items():
-        config = part_config(part, entry, **options, compile=compile)
+        config = part_config(served[part], entry, **options, compile=compile)
         written.append(_write_config(out_dir / part / "config.pbtxt", config))
         written.append(_install_model("part", out_dir / part))
         native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
         if native and entry.runtime in NATIVE_PLATFORMS:
-            written.append(_write_config(native_path, native_config(part, entry, **options)))
+            written.append(_write_config(native_path, native_config(served[part], entry, **options)))
         else:
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
-    pixels = entries["vq_encoder"].inputs[0]
+    pixels = contract.tensors(shapes)[PIXELS]
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
     step = {"max_batch": max_batch, "queue_delay_us": queue_delay_us, "instances": decoders or default_decoders(device)}
     firsts = set()  # entrances may share their first step (d3qe_evidence decodes with d3qe's preprocess)
-    for entrance in entrances(pixels, evidence):
-        if entrance.first not in firsts:
-            firsts.add(entrance.first)
-            written += _write_first_step(out_dir / entrance.first, entrance, pixels, cfg.image_size, **step)
-        ensemble = ensemble_config(entrance, entries, max_batch)
+    for entrance in contract.entrances(shapes).values():
+        if not set(parts_run(entrance, served)) <= entries.keys():
+            continue  # an export without the evidence part has no evidence entrance
+        first, _ = FIRST_STEPS[entrance.input.name]
+        if first not in firsts:
+            firsts.add(first)
+            written += _write_first_step(out_dir / first, entrance, pixels, **step)
+        ensemble = ensemble_config(entrance, served, max_batch)
         written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
-        gate = admission_config(entrance.gate, ensemble, manifest_id=manifest.id, **policy)
-        written.append(_write_config(out_dir / entrance.gate / "config.pbtxt", gate))
-        written.append(_install_model("admission", out_dir / entrance.gate))
+        gate = admission_config(entrance.name, ensemble, manifest_id=manifest.id, **policy)
+        written.append(_write_config(out_dir / entrance.name / "config.pbtxt", gate))
+        written.append(_install_model("admission", out_dir / entrance.name))
     return written
+
+
+def _check_parts(out_dir: Path, served: dict[str, Signature], entries: dict[str, PartEntry]) -> None:
+    """Every scoring part is exported, each artifact taking and giving the contract's tensors."""
+    missing = [p for p in PART_NAMES if p not in entries]
+    if missing:
+        raise ManifestError(f"{out_dir}: the manifest has no {', '.join(missing)}: export the parts first")
+    for part, entry in entries.items():
+        if (tuple(entry.inputs), tuple(entry.outputs)) != (served[part].inputs, served[part].outputs):
+            raise ManifestError(
+                f"{out_dir}: {part} was exported with tensors {entry.input_names} → {entry.output_names} of other "
+                f"dtypes or shapes than this version serves: export again"
+            )

@@ -69,7 +69,7 @@ class PartRunner:
                 problems.append(f"{t.name} has dtype {dtype}, expected {t.dtype}")
             want = t.shape
             if a.ndim != len(want) or any(w != -1 and w != s for w, s in zip(want, a.shape, strict=False)):
-                problems.append(f"{t.name} has shape {list(a.shape)}, expected {want} (-1: batch)")
+                problems.append(f"{t.name} has shape {list(a.shape)}, expected {list(want)} (-1: batch)")
             elif a.ndim:
                 batches.add(a.shape[0])
         if len(batches) > 1:

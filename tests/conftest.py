@@ -58,7 +58,8 @@ def tiny_server(tiny_repository, tmp_path_factory):
 
     Shared memory is on (off by default) for the client's shared-memory tests.
     """
-    from d3qe_serve.serving.server import TritonServer, free_endpoints
+    from d3qe_serve.serving.endpoints import free_endpoints
+    from d3qe_serve.serving.server import TritonServer
 
     log_path = tmp_path_factory.mktemp("triton") / "server.log"
     with (

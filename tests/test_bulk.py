@@ -1,4 +1,5 @@
-"""`d3qe bulk` on a local Ray: the eager model's scores, one row per input, bad files as rows, resuming."""
+"""`d3qe bulk` (the `d3qe_serve.bulk` pipeline) on a local Ray: the eager model's scores, one row per input, bad
+files as rows, resuming."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from d3qe_serve.cli.bulk import output_schema
+from d3qe_serve.bulk.options import BulkOptions
+from d3qe_serve.bulk.store import output_schema
 from d3qe_serve.cli.main import main
 from d3qe_serve.serving.manifest import MANIFEST, Manifest, sha256_file
 from tests.helpers import LOGIT_TOL
@@ -79,15 +81,16 @@ def assert_rows_match(
             assert row["logit"] is None and row["verdict"] is None
 
 
-def test_score_runtime_exported_gives_the_eager_scores(tiny_repository, images, eager):
+def test_score_runtime_exported_gives_the_eager_scores(tiny_repository, images, eager, capsys):
     rows = score_json("--runtime", "exported", "--repo", str(tiny_repository), "--batch-size", "3", str(images))
     assert set(rows) == set(eager)
     for source, row in rows.items():
         assert row["error"] == eager[source]["error"]
         if row["error"] is None:
             assert row["logit"] == pytest.approx(eager[source]["logit"], abs=LOGIT_TOL)
-    with pytest.raises(SystemExit, match="no manifest.json in"):
-        main(["score", "--runtime", "exported", "--repo", str(images), str(images)])
+    capsys.readouterr()
+    assert main(["score", "--runtime", "exported", "--repo", str(images), str(images)]) == 2
+    assert "no manifest.json in" in capsys.readouterr().err
 
 
 def test_bulk_folder_gives_the_eager_scores_one_row_per_file(local_ray, tiny_repository, images, eager, tmp_path):
@@ -136,17 +139,25 @@ def test_bulk_resumes_and_retries_errors(local_ray, tiny_repository, images, eag
 
 
 def test_bulk_parquet_table_gives_a_row_per_row(local_ray, tiny_repository, images, eager, tmp_path):
-    """A table's column of sources: a source listed twice gets two rows, an empty cell a row with its error."""
+    """A table's column of sources, through the library: a source listed twice gets two rows, an empty cell a row
+    with its error; the report counts what this run wrote."""
     sources = sorted(eager)
     column = [*sources, sources[0], None]
     table = tmp_path / "inputs.parquet"
     pq.write_table(pa.table({"label": list(range(len(column))), "path": column}), table)
+    from d3qe_serve.bulk.pipeline import score_bulk
+
     out = tmp_path / "scores.parquet"
-    argv = ["bulk", str(table), "--out", str(out), "--repo", str(tiny_repository), "--column", "path"]
-    assert main([*argv, "--concurrency", "1", "--num-cpus", "2"]) == 1
+    options = BulkOptions(str(table), str(out), repo=tiny_repository, column="path", concurrency=1, num_cpus=2)
+    report = score_bulk(options)
+    manifest_id = Manifest.read(tiny_repository).id
+    failed = sum(eager[s]["error"] is not None for s in column if s) + 1  # the broken files, the empty cell
+    assert (report.scored, report.failed, report.skipped, report.actors) == (len(column), failed, 0, 1)
+    assert report.manifest_id == manifest_id
+    assert sorted(report.files) == sorted(str(p) for p in out.glob("*.parquet"))
     rows = read_out(out)
     expected = {**eager, "": {"error": "empty source: no path or URI"}}
-    assert_rows_match(rows, expected, Manifest.read(tiny_repository).id, [*sources, sources[0], ""])
+    assert_rows_match(rows, expected, manifest_id, [*sources, sources[0], ""])
 
 
 def test_bulk_refuses_to_mix_exports_and_foreign_files(tiny_repository, images, tmp_path, capsys):

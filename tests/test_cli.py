@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
+import pytest
 
 from d3qe_serve.cli.main import main
+from d3qe_serve.errors import MissingDependencyError, NotFoundError
+from d3qe_serve.serving.inprocess import WeightOptions, open_eager, open_exported
 from tests.helpers import LOGIT_TOL
 
 
@@ -24,3 +28,16 @@ def test_score_eager_prints_fixture_logits(tiny_checkpoint, fixture_images, expe
         assert abs(row["logit"] - logit) < LOGIT_TOL
         assert abs(row["probability"] - 1 / (1 + np.exp(-logit))) < 1e-5
         assert row["verdict"] == ("generated" if logit > 0 else "real")
+
+
+def test_in_process_runtimes_raise_errors_that_the_command_reports(tmp_path, monkeypatch, capsys):
+    with pytest.raises(NotFoundError, match="no manifest.json"):
+        open_exported(tmp_path)
+    assert main(["score", "--runtime", "exported", "--repo", str(tmp_path), "x.png"]) == 2
+    assert capsys.readouterr().err.startswith(f"d3qe score: no manifest.json in {tmp_path}")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed, as far as an import can tell
+    with pytest.raises(MissingDependencyError, match=r"onnxruntime: pip install 'd3qe-serve\[serve\]'"):
+        open_exported(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingDependencyError, match=r"torch: pip install 'd3qe-serve\[model\]'"):
+        open_eager(WeightOptions())

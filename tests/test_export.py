@@ -23,7 +23,7 @@ from d3qe_serve.export.driver import export_repository
 from d3qe_serve.export.onnx_export import export_onnx
 from d3qe_serve.export.quantize import nodes_in_scopes, quantize_int8
 from d3qe_serve.export.validate import TOLERANCES
-from d3qe_serve.serving.inprocess import run_parts
+from d3qe_serve.serving.inprocess import WeightOptions, run_parts
 from d3qe_serve.serving.manifest import Manifest, ManifestError, sha256_file
 from d3qe_serve.serving.model_params import PartParameters
 from d3qe_serve.serving.repository import write_repository
@@ -222,7 +222,8 @@ def test_int8_quantises_only_clips_transformer(onnx_repo, onnx_runners, expected
 
 def test_torch_runtime_rebuilds_parts_from_safetensors(tiny_checkpoint, expected, tmp_path):
     model = d3qe.load_detector(tiny_checkpoint, freq_bias="stats")
-    manifest = export_repository(model, tmp_path, runtime="torch", checkpoint=tiny_checkpoint, log=lambda _: None)
+    options = WeightOptions(tiny_checkpoint, freq_bias="stats")
+    manifest = export_repository(model, tmp_path, runtime="torch", weights=options, log=lambda _: None)
     assert manifest.passed
     for part in PART_NAMES:
         weights = tmp_path / part / "1" / "model.safetensors"

@@ -1,6 +1,6 @@
 """The fidelity benchmark on a slice of the corpus with the tiny fixture: each runtime within its documented bound.
 
-The bounds are the export's tolerances (`export.validate.TOLERANCES`, quoted in export/README.md): at
+The bounds are the export's tolerances (`export.validate.TOLERANCES`, quoted in docs/export.md): at
 least `min_index_agreement` of the code indices equal, no flip where the two best codes are not tied,
 LOGIT within `max_abs` (fp32: on the images none of whose tokens flipped). A served repository must give
 the logits of the same artifacts run in-process.

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from d3qe_serve.benchmarks import gpu_carry
-from d3qe_serve.serving.server import find_tritonserver, server_environment
+from d3qe_serve.errors import CarryError
+from d3qe_serve.serving.install import find_tritonserver, server_environment
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -112,6 +113,19 @@ def test_pack_is_reproducible_and_keeps_executables(tmp_path):
     assert first.read_bytes() == second.read_bytes()
     with tarfile.open(first) as tar:
         assert [(m.name, m.mode, m.mtime) for m in tar] == [("bin/tritonserver", 0o755, 0), ("lib.so", 0o644, 0)]
+
+
+def test_a_carry_file_not_as_built_is_refused_before_installing(tmp_path):
+    carry = tmp_path / "carry"
+    (carry / "wheels").mkdir(parents=True)
+    wheel = carry / "wheels" / "x-1-py3-none-any.whl"
+    wheel.write_bytes(b"as built")
+    item = {"file": "wheels/x-1-py3-none-any.whl", "sha256": gpu_carry.sha256(wheel)}
+    (carry / "manifest.json").write_text(json.dumps({"items": [item]}))
+    wheel.write_bytes(b"changed")
+    with pytest.raises(CarryError, match="x-1-py3-none-any.whl does not match its manifest's sha256"):
+        gpu_carry.unpack(carry, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 @pytest.mark.slow

@@ -32,9 +32,10 @@ from d3qe_serve import d3qe
 from d3qe_serve.benchmarks.soak import OVERLOAD, Case, cases, classify
 from d3qe_serve.cli.main import main
 from d3qe_serve.client.grpc_client import D3QEClient, RetryPolicy
+from d3qe_serve.serving.endpoints import free_endpoints
 from d3qe_serve.serving.manifest import Manifest
 from d3qe_serve.serving.repository import write_repository
-from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer, free_endpoints
+from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, SHM_DIR, TritonServer
 from tests.helpers import LOGIT_TOL, copy_models, image_input, pixels_input, png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

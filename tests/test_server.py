@@ -27,16 +27,15 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from d3qe_serve.cli.main import main
 from d3qe_serve.client.grpc_client import D3QEClient
 from d3qe_serve.d3qe.parts import PART_NAMES as PARTS
+from d3qe_serve.errors import ServerError
+from d3qe_serve.serving.endpoints import free_endpoints
 from d3qe_serve.serving.manifest import Manifest
 from d3qe_serve.serving.repository import write_repository
-from d3qe_serve.serving.server import (
-    ServerError,
-    TritonServer,
-    free_endpoints,
-)
+from d3qe_serve.serving.server import TritonServer
 from tests.helpers import LOGIT_TOL, copy_models, image_input, pixels_input, png_header_only
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-x))

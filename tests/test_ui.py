@@ -1,6 +1,6 @@
 """The review page (`d3qe ui`) against a real Triton server on the tiny fixture: its API, then the page itself
 in headless Chromium (Debian's `chromium` and `chromedriver`, installed by `make browser`), which saves the
-screenshots the README shows."""
+screenshots docs/ui.md shows."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from d3qe_serve.d3qe import load_detector, preprocess
-from d3qe_serve.serving.server import free_ports
+from d3qe_serve.serving.endpoints import free_ports
 from tests.helpers import LOGIT_TOL, write_video
 
 ROOT = Path(__file__).resolve().parents[1]

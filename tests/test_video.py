@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 from d3qe_serve.cli.main import main
 from d3qe_serve.client.grpc_client import D3QEClient
 from d3qe_serve.client.video import SpanRule, VideoError, decode_frames, fake_periods, score_video, top_mean
+from d3qe_serve.errors import MissingDependencyError
 from tests.helpers import LOGIT_TOL, write_video
 
 av = pytest.importorskip("av")
@@ -120,6 +122,13 @@ def test_bad_videos_raise_naming_the_file_and_the_problem(frames, tmp_path):
         assert str(tmp_path / name) in str(e.value)
     with pytest.raises(VideoError, match="frames"):
         list(decode_frames(tmp_path / "good.mkv", fps=None, max_frames=3))
+
+
+def test_without_pyav_decoding_names_the_extra(frames, tmp_path, monkeypatch):
+    path = write_video(tmp_path / "clip.mkv", frames[:2], RATE)
+    monkeypatch.setitem(sys.modules, "av", None)  # not installed, as far as an import can tell
+    with pytest.raises(MissingDependencyError, match=r"PyAV: pip install 'd3qe-serve\[video\]'"):
+        next(decode_frames(path))
 
 
 @pytest.mark.server

@@ -1,10 +1,11 @@
-"""`d3qe ui`: a review page on loopback for people who drop files on a page and look.
+"""The review page: for people who drop files on a page and look, on loopback (`d3qe ui` serves it).
 
-A Starlette app served by uvicorn. The page and its script are static files (`ui/static/`); its API
-scores through the project's client against the running Triton server, so there is no second
-inference path: images at the `d3qe` entrance (the same requests as `d3qe score`), videos frame by
-frame at `d3qe_rgb` (`client.video`, the timeline and its flagged spans), and one image's evidence at
-`d3qe_evidence` (`client.evidence`), asked for only when the reviewer opens it.
+A Starlette app (`create_app`, configured by `Settings`) served by uvicorn (`serve_ui`). The page and its
+script are static files (`ui/static/`); its API scores through the project's client against the running
+Triton server, so there is no second inference path: images at the `d3qe` entrance (the same requests
+as `d3qe score`), videos frame by frame at `d3qe_rgb` (`client.video`, the timeline and its flagged
+spans), and one image's evidence at `d3qe_evidence` (`client.evidence`), asked for only when the
+reviewer opens it.
 
 Uploads are bounded (bytes per file, files per request, bytes per request) and each item fails
 alone, with the same errors the API gives. Nothing uploaded is written anywhere but Starlette's
@@ -14,7 +15,6 @@ when the request ends.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shutil
 import tempfile
@@ -40,11 +40,15 @@ from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, Vi
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = "127.0.0.1"
+DEFAULT_PORT = 8080
 MB = 1 << 20
 
 
 @dataclass(frozen=True)
 class Settings:
+    """The page's server (`url`, gRPC), its upload limits (per file, files per request, per request), the
+    frames scored per second of video, the verdict's threshold and the seconds one request may take."""
+
     url: str = DEFAULT_URL
     max_file_mb: float = 100.0
     max_files: int = 100
@@ -164,7 +168,7 @@ def _server_error(e: Exception) -> JSONResponse:
     return JSONResponse({"error": f"the Triton server at the configured URL did not answer: {message}"}, 503)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings = Settings()) -> Starlette:
     """The page and its API, talking to the Triton server at `settings.url`."""
     clients = Clients.open(settings)
 
@@ -223,24 +227,8 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help="the Triton server's gRPC address (d3qe serve prints it)")
-    p.add_argument("--port", type=int, default=8080, help="the page's port on 127.0.0.1")
-    defaults = Settings()
-    p.add_argument("--max-file-mb", type=float, default=defaults.max_file_mb, help="largest uploaded file")
-    p.add_argument("--max-files", type=int, default=defaults.max_files, help="most files in one upload")
-    p.add_argument("--max-request-mb", type=float, default=defaults.max_request_mb, help="largest upload in all")
-    p.add_argument("--fps", type=float, default=defaults.fps, help="video frames scored per second of video")
-    p.add_argument("--threshold", type=float, default=defaults.threshold, help="P(generated) above it: generated")
-    p.add_argument("--timeout", type=float, default=defaults.timeout, help="seconds to wait for one request")
-
-
-def run(args: argparse.Namespace) -> int:
+def serve_ui(settings: Settings = Settings(), *, port: int = DEFAULT_PORT) -> None:
+    """Serve the page on loopback (127.0.0.1:`port`) until interrupted."""
     import uvicorn
 
-    settings = Settings(
-        args.url, args.max_file_mb, args.max_files, args.max_request_mb, args.fps, args.threshold, args.timeout
-    )
-    print(f"d3qe ui: http://{LOOPBACK}:{args.port}/ (scoring with the server at {settings.url})", flush=True)
-    uvicorn.run(create_app(settings), host=LOOPBACK, port=args.port, log_level="warning")
-    return 0
+    uvicorn.run(create_app(settings), host=LOOPBACK, port=port, log_level="warning")
