@@ -27,6 +27,7 @@ from tqdm import tqdm
 from d3qe_serve.benchmarks import Results, exported_weights, results_dir, save_figure, weights_record
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
+from d3qe_serve.contract import LOGIT
 from d3qe_serve.serving.host import machine, machine_slug, tool_versions
 from d3qe_serve.serving.inprocess import WeightOptions
 from d3qe_serve.serving.manifest import Manifest
@@ -196,7 +197,7 @@ def bench_parts(repo: Path, images: list[bytes], profile: Profile, compile: bool
     runners = load_exported(repo, profile.device, compile=compile)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        return run_parts(runners, pixels)["LOGIT"]
+        return run_parts(runners, pixels)[LOGIT]
 
     runtime, precision = manifest.describe()
     if compile:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from d3qe_serve.benchmarks import Results, exported_weights, report_header, results_dir, save_figure, weights_record
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
+from d3qe_serve.contract import INDICES, LOGIT, PIXELS, RESIDUAL
 from d3qe_serve.errors import InputError
 from d3qe_serve.serving.inprocess import WeightOptions
 
@@ -112,7 +113,7 @@ def run_parts(config: Config, pixels: list[np.ndarray], batch: int, cache: dict)
     keys (same artifact, same upstream) are reused."""
     from d3qe_serve.d3qe.parts import PART_NAMES
 
-    tensors = {"PIXELS": np.stack(pixels)}
+    tensors = {PIXELS: np.stack(pixels)}
     upstream = f"{len(pixels)} images"
     for part in PART_NAMES:
         key, runner = config.runners[part]
@@ -157,7 +158,7 @@ def summarize(
     """The fidelity of one configuration against the reference (see the module's docstring)."""
     from d3qe_serve.export.validate import INDEX_OUTPUTS, token_ties
 
-    ref_logit, logit = reference["LOGIT"].reshape(-1), got["LOGIT"].reshape(-1)
+    ref_logit, logit = reference[LOGIT].reshape(-1), got[LOGIT].reshape(-1)
     ok = np.isfinite(logit)
     dlogit = np.abs(logit.astype(np.float64) - ref_logit)
     verdict_ref, verdict = ref_logit > _logit(DEFAULT_THRESHOLD), logit > _logit(DEFAULT_THRESHOLD)
@@ -171,7 +172,7 @@ def summarize(
     }
     if codebook is None or not set(INDEX_OUTPUTS) <= got.keys():
         return row
-    ties = token_ties(got["RESIDUAL"], got["INDICES"], reference["RESIDUAL"], reference["INDICES"], codebook)
+    ties = token_ties(got[RESIDUAL], got[INDICES], reference[RESIDUAL], reference[INDICES], codebook)
     flipped_images = ties["flipped"].any(axis=1)
     row.update(
         token_agreement=float(1 - ties["flipped"].mean()),
@@ -195,7 +196,7 @@ def reference_gaps(reference: dict[str, np.ndarray], codebook: np.ndarray) -> di
     """How tied the reference's own code choices are: share of tokens whose two best codes score within d."""
     from d3qe_serve.export.validate import token_ties
 
-    residual, indices = reference["RESIDUAL"], reference["INDICES"]
+    residual, indices = reference[RESIDUAL], reference[INDICES]
     gap = token_ties(residual, indices, residual, indices, codebook)["gap"]
     return {f"gap<{d:g}": float((gap < d).mean()) for d in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)}
 
@@ -249,7 +250,7 @@ def measure(
     report = {
         "reference_seconds": round(seconds[reference_config.name], 1),
         "reference_gaps": reference_gaps(reference, codebook),
-        "reference_logits": reference["LOGIT"].reshape(-1).tolist(),
+        "reference_logits": reference[LOGIT].reshape(-1).tolist(),
         "rows": [],
     }
     for config in configs:
@@ -257,8 +258,8 @@ def measure(
         subset = config.subset(len(items))
         ref = {n: a[subset] for n, a in reference.items()}
         if config.url:
-            got = {"LOGIT": served_logits(config.url, [items[i] for i in subset], timeout)}
-            row = summarize(config.name, {"LOGIT": ref["LOGIT"]}, got, None)
+            got = {LOGIT: served_logits(config.url, [items[i] for i in subset], timeout)}
+            row = summarize(config.name, {LOGIT: ref[LOGIT]}, got, None)
         else:
             row = summarize(config.name, ref, run_parts(config, [pixels[i] for i in subset], batch, cache), codebook)
         row["image_indices"] = subset.tolist()

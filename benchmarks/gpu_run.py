@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from d3qe_serve.benchmarks.gpu_carry import PYTHON, SERVER_FILES
+from d3qe_serve.contract import IMAGE_ENTRANCE, RGB_ENTRANCE
 from d3qe_serve.errors import InputError
 from d3qe_serve.serving.process import SupervisedProcess
 
@@ -165,7 +166,7 @@ def stages(ctx: Context, smoke: bool) -> list[Stage]:
         Stage(
             "throughput-server",
             180,
-            [*bench, "--model", "d3qe", "d3qe_rgb", "--out", str(f("throughput-server")), "--concurrency"]
+            [*bench, "--model", IMAGE_ENTRANCE, RGB_ENTRANCE, "--out", str(f("throughput-server")), "--concurrency"]
             + (["1", "4"] if smoke else ["1", "16", "64", "256"]),
             needs=("export",),
             numpy1=not smoke,

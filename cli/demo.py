@@ -13,6 +13,7 @@ from pathlib import Path
 
 from d3qe_serve.cli.options import add_weight_arguments, weight_options
 from d3qe_serve.client.results import ScoreResult
+from d3qe_serve.contract import LOGIT
 from d3qe_serve.errors import ServerError
 from d3qe_serve.serving.endpoints import free_endpoints
 from d3qe_serve.serving.server import TritonServer
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _say("[4/4] the eager PyTorch model on the same images:")
     eager = list(score_eager(model, items))
-    tolerance = TOLERANCES[manifest.precision].max_abs["LOGIT"]  # the export's own, per precision
+    tolerance = TOLERANCES[manifest.precision].max_abs[LOGIT]  # the export's own, per precision
     worst, agree, ok = compare(served, eager, tolerance)
     _say(
         f"max |Δlogit| served vs eager: {worst:.2e} (tolerance {tolerance:g}); "

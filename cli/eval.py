@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from d3qe_serve.cli.score import add_runtime_arguments, open_scorer
+from d3qe_serve.cli.options import add_runtime_arguments, open_scorer
 from d3qe_serve.client.eval import (
     Metrics,
     crop,
@@ -19,7 +19,6 @@ from d3qe_serve.client.eval import (
     jpeg,
     require_metrics,
 )
-from d3qe_serve.errors import ModelMismatchError, ServerNotReadyError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,22 +41,18 @@ def run(args: argparse.Namespace) -> int:
     settings: dict[str, list[Metrics]] = {}
     report = {"dataroot": str(args.dataroot), "runtime": args.runtime, "url": args.url, "settings": {}}
     failed = 0
-    try:
-        with open_scorer(args) as score:
-            for perturbation in perturbations:
-                setting = evaluate(score, dataset, perturbation, args.threshold, args.progress)
-                settings[setting.name] = setting.rows
-                print(
-                    format_table(f"D³QE on {args.dataroot} ({runtime}, {setting.name})", setting.rows) + "\n",
-                    flush=True,
-                )
-                for r in setting.failures:
-                    print(f"d3qe eval: {setting.name}: {r.source}: {r.error}", file=sys.stderr)
-                failed += sum(r.failed for r in setting.rows)
-                report["settings"][setting.name] = setting.as_dict()
-    except (ServerNotReadyError, ModelMismatchError) as e:  # the server named cannot be used: 2, as for input
-        print(f"d3qe eval: {e}", file=sys.stderr)
-        return 2
+    with open_scorer(args) as score:
+        for perturbation in perturbations:
+            setting = evaluate(score, dataset, perturbation, args.threshold, args.progress)
+            settings[setting.name] = setting.rows
+            print(
+                format_table(f"D³QE on {args.dataroot} ({runtime}, {setting.name})", setting.rows) + "\n",
+                flush=True,
+            )
+            for r in setting.failures:
+                print(f"d3qe eval: {setting.name}: {r.source}: {r.error}", file=sys.stderr)
+            failed += sum(r.failed for r in setting.rows)
+            report["settings"][setting.name] = setting.as_dict()
     print(format_summary(settings))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, allow_nan=False))

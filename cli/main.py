@@ -12,7 +12,14 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from d3qe_serve.errors import D3QEServeError, InputError, MissingDependencyError, NotFoundError
+from d3qe_serve.errors import (
+    D3QEServeError,
+    InputError,
+    MissingDependencyError,
+    ModelMismatchError,
+    NotFoundError,
+    ServerNotReadyError,
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_code(error: D3QEServeError) -> int:
     """The one mapping of errors to exit codes: 2 for what the caller can fix (input, a missing file or
-    dependency), 1 for a step that failed."""
-    return 2 if isinstance(error, (InputError, NotFoundError, MissingDependencyError)) else 1
+    dependency, a server named that is not up or not this model's), 1 for a step that failed."""
+    fixable = (InputError, NotFoundError, MissingDependencyError, ServerNotReadyError, ModelMismatchError)
+    return 2 if isinstance(error, fixable) else 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,7 @@ one object holding every frame's score and its `fake_periods`. An animated GIF s
 by its first frame: convert it to a video file for per-frame scores. `--csv` holds one row per image and
 takes no videos.
 
-The runtime options (`add_runtime_arguments`, `open_scorer`) are `d3qe eval`'s too. The in-process
-runtimes import `serving.inprocess` only when asked for, so that `d3qe score --url …` loads no model code.
+The runtime options are `cli.options`' (`d3qe eval` takes them too).
 """
 
 from __future__ import annotations
@@ -17,87 +16,15 @@ import contextlib
 import csv
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from d3qe_serve.cli.options import add_weight_arguments, weight_options
-from d3qe_serve.client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient
-from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer, ScoreResult
+from d3qe_serve.cli.options import add_runtime_arguments, open_scorer
+from d3qe_serve.client.results import ScoreResult
 from d3qe_serve.client.score import expand_paths, partition, score_videos
 from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoResult
-from d3qe_serve.errors import InputError, ModelMismatchError, ServerNotReadyError
-
-# The runtimes other than the server, as `--runtime NAME` offers them.
-IN_PROCESS = {
-    "eager": "the eager PyTorch model in this process (needs the [model] extra)",
-    "exported": "an exported repository's parts chained in this process (--repo; needs the [serve] extra)",
-}
-
-
-def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """Where the model runs: options shared by `d3qe score` and `d3qe eval`."""
-    p.add_argument(
-        "--runtime",
-        choices=["server", *IN_PROCESS],
-        default="server",
-        help="the Triton server over gRPC (default)" + "".join(f"; {n}: {h}" for n, h in IN_PROCESS.items()),
-    )
-    p.add_argument("--url", default=DEFAULT_URL, help="server: gRPC address host:port")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="server: the ensemble taking encoded images")
-    p.add_argument("--concurrency", type=int, default=4, help="server: requests in flight")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="server: seconds to wait per request (the server still finishes it)",
-    )
-    p.add_argument("--ready-timeout", type=float, default=30.0, help="server: seconds to wait for it to be ready")
-    p.add_argument(
-        "--shared-memory",
-        action="store_true",
-        help="server: send images through system shared memory (client and server on one host)",
-    )
-    add_weight_arguments(p, role="eager: ")
-    p.add_argument("--repo", type=Path, help="exported: the repository `d3qe export` wrote (default: its --out)")
-    p.add_argument("--device", default="cpu", help="exported: cpu, or cuda[:N] (ONNX Runtime CUDA provider, TensorRT)")
-    p.add_argument("--threads", type=int, help="exported: intra-op threads (default: the runtime's own)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
-
-
-@contextlib.contextmanager
-def open_scorer(args: argparse.Namespace, model: str | None = None) -> Iterator[Scorer]:
-    """The runtime `args` ask for, ready to score; the server's readiness and interface are checked first.
-    `model`: the server's entrance, if not `args.model`."""
-    if args.runtime == "eager":
-        from d3qe_serve.serving.inprocess import open_eager
-
-        yield open_eager(weight_options(args), threshold=args.threshold, batch_size=args.batch_size)
-        return
-    if args.runtime == "exported":
-        from d3qe_serve.serving.inprocess import open_exported
-        from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
-
-        yield open_exported(
-            args.repo or DEFAULT_REPOSITORY,
-            device=args.device,
-            threads=args.threads,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-        )
-        return
-    with D3QEClient(
-        args.url,
-        model or args.model,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        threshold=args.threshold,
-        shared_memory=args.shared_memory,
-    ) as client:
-        client.wait_until_ready(timeout=args.ready_timeout)
-        yield client.score
+from d3qe_serve.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,26 +87,22 @@ def run(args: argparse.Namespace) -> int:
     if videos and args.fmt == "csv":
         raise InputError("--csv holds one row per image; score videos with --json or the text output")
     failed = 0
-    try:
-        with contextlib.ExitStack() as stack:
-            score = None
-            if images or not videos:  # nothing to score still checks the runtime, as it always has
-                score = stack.enter_context(open_scorer(args))
-                failed += write_results(score((str(p), p) for p in images), args.fmt)
-            if videos:
-                if score is None or args.runtime == "server":  # the server takes frames at another entrance
-                    score = stack.enter_context(open_scorer(args, model=args.video_model))
-                for result in score_videos(
-                    videos,
-                    score,
-                    fps=args.fps,
-                    every_frame=args.every_frame,
-                    threshold=args.threshold,
-                    plot_dir=args.plot,
-                ):
-                    write_video(result, args.fmt)
-                    failed += not result.ok
-    except (ServerNotReadyError, ModelMismatchError) as e:  # the server named cannot be used: 2, as for input
-        print(f"d3qe score: {e}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as stack:
+        score = None
+        if images or not videos:  # nothing to score still checks the runtime, as it always has
+            score = stack.enter_context(open_scorer(args))
+            failed += write_results(score((str(p), p) for p in images), args.fmt)
+        if videos:
+            if score is None or args.runtime == "server":  # the server takes frames at another entrance
+                score = stack.enter_context(open_scorer(args, model=args.video_model))
+            for result in score_videos(
+                videos,
+                score,
+                fps=args.fps,
+                every_frame=args.every_frame,
+                threshold=args.threshold,
+                plot_dir=args.plot,
+            ):
+                write_video(result, args.fmt)
+                failed += not result.ok
     return 1 if failed else 0

@@ -106,6 +106,8 @@ def _read_item(item: Item, image_input: str) -> tuple[str, Payload] | ScoreResul
         kind = "decoded pixels (an array)" if isinstance(data, np.ndarray) else "an encoded file"
         wanted = "RGB uint8 pixels" if image_input == RGB else "encoded image files"
         return ScoreResult.failed(source, f"got {kind}; this model takes {wanted}")
+    if isinstance(data, np.ndarray) and data.dtype != np.uint8:  # as `d3qe.preprocess` words it in-process
+        return ScoreResult.failed(source, f"RGB pixels must be uint8 (0-255), got {data.dtype}")
     if isinstance(data, bytes | np.ndarray):
         return source, data
     try:
@@ -137,7 +139,7 @@ def _score_batch(
                 for (i, source, _), logit, prob in zip(batch, logits, probs, strict=True):
                     results[i] = ScoreResult.from_scores(source, float(logit), float(prob), threshold)
                 break
-            status = outcome.status()
+            status = outcome.status() or ""  # none when the client itself refused the request
             if status == RETRY_STATUS:
                 delay = next(delays, None)
                 if delay is not None:
@@ -151,7 +153,8 @@ def _score_batch(
                 pending[:0] = [batch[:half], batch[half:]]
                 break
             else:
-                message = f"server error ({status.removeprefix('StatusCode.')}): {outcome.message()}"
+                kind = f"server error ({status.removeprefix('StatusCode.')})" if status else "request refused"
+                message = f"{kind}: {outcome.message()}"
             for i, source, _ in batch:
                 results[i] = ScoreResult.failed(source, message)
             break

@@ -33,6 +33,7 @@ import numpy as np
 from d3qe_serve.client.grpc_client import DEFAULT_URL, AsyncD3QEClient, D3QEClient, RetryPolicy
 from d3qe_serve.client.results import ScoreResult
 from d3qe_serve.contract import RGB_ENTRANCE
+from d3qe_serve.errors import InputError
 
 SCORES = ("real", "neg_logit")
 
@@ -87,7 +88,7 @@ def rgb_images(images: Any) -> list[np.ndarray | _Bad]:
     else:
         batch = _numpy(images)
         if batch.ndim != 4:
-            raise ValueError(f"a batch of images needs 4 axes (NCHW or NHWC), got shape {list(batch.shape)}")
+            raise InputError(f"a batch of images needs 4 axes (NCHW or NHWC), got shape {list(batch.shape)}")
         items = list(batch)
     out: list[np.ndarray | _Bad] = []
     for i, item in enumerate(items):

@@ -26,12 +26,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from d3qe_serve.contract import (
+    ATTENTION,
+    CLIP_FEAT,
+    ERROR_MAP,
+    FAKE_FREQ,
+    INDICES,
+    LOGIT,
+    PIXELS,
+    PROB,
+    REAL_FREQ,
+    RESIDUAL,
+)
 from d3qe_serve.d3qe import preprocess
 from d3qe_serve.d3qe.parts import PartSpec
 
 POOL = 8
 BATCHES = (1, 3, 8)
-INDEX_OUTPUTS = ("RESIDUAL", "INDICES")  # the VQ encoder's: compared token by token, ties accounted for
+INDEX_OUTPUTS = (RESIDUAL, INDICES)  # the VQ encoder's: compared token by token, ties accounted for
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
@@ -48,9 +60,7 @@ class Tolerance:
 
 def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreement: float) -> Tolerance:
     # |Δ sigmoid| <= |Δ logit| / 4, so PROB's bound follows from LOGIT's.
-    return Tolerance(
-        {"RESIDUAL": residual, "CLIP_FEAT": clip_feat, "LOGIT": logit, "PROB": logit / 4}, min_index_agreement
-    )
+    return Tolerance({RESIDUAL: residual, CLIP_FEAT: clip_feat, LOGIT: logit, PROB: logit / 4}, min_index_agreement)
 
 
 # What each row guards: an export bug (a wrong op, a dropped bias, a broken dynamic axis) flips tokens
@@ -65,11 +75,9 @@ def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreemen
 # error measured (docs/export.md lists the measurements).
 # The evidence part (fp32 at every precision) is held to rounding: its outputs are shown, not thresholded
 # (tiny fixture: ERROR_MAP and the frequencies exact, ATTENTION 5.1e-9).
-EVIDENCE_TOLERANCE = {"ERROR_MAP": 1e-5, "ATTENTION": 1e-6, "REAL_FREQ": 1e-8, "FAKE_FREQ": 1e-8}
+EVIDENCE_TOLERANCE = {ERROR_MAP: 1e-5, ATTENTION: 1e-6, REAL_FREQ: 1e-8, FAKE_FREQ: 1e-8}
 TOLERANCES = {
-    "fp32": Tolerance(
-        {"RESIDUAL": 5e-3, "CLIP_FEAT": 1e-4, "LOGIT": 1e-2, "PROB": 2.5e-3, **EVIDENCE_TOLERANCE}, 0.99
-    ),
+    "fp32": Tolerance({RESIDUAL: 5e-3, CLIP_FEAT: 1e-4, LOGIT: 1e-2, PROB: 2.5e-3, **EVIDENCE_TOLERANCE}, 0.99),
     "int8": _reduced(5e-3, 0.4, 0.08, 0.99),  # CLIP only: the VQ encoder and the head stay fp32
     "fp16": _reduced(2e-2, 0.015, 0.05, 0.97),
     "bf16": _reduced(2e-1, 0.1, 0.2, 0.85),
@@ -152,7 +160,7 @@ def compare(
                 result[name]["flips_outside_ties"] = int((ties["flipped"] & ~ties["near_tie"]).sum())
             continue
         delta = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-        if ties is not None and name == "RESIDUAL":
+        if ties is not None and name == RESIDUAL:
             b, d = delta.shape[:2]
             delta = delta.reshape(b, d, -1).transpose(0, 2, 1)[~flipped_tokens]
         elif flipped_images is not None and len(delta) == len(flipped_images) and flipped_images.any():
@@ -204,7 +212,7 @@ def _numpy(reference: dict[str, torch.Tensor], names: Iterable[str], batch: int)
 def _ties(got: dict[str, np.ndarray], want: dict[str, np.ndarray], codebook: np.ndarray) -> dict | None:
     if not set(INDEX_OUTPUTS) <= got.keys() or any(got[n].shape != want[n].shape for n in INDEX_OUTPUTS):
         return None
-    return token_ties(got["RESIDUAL"], got["INDICES"], want["RESIDUAL"], want["INDICES"], codebook)
+    return token_ties(got[RESIDUAL], got[INDICES], want[RESIDUAL], want[INDICES], codebook)
 
 
 def validate_part(
@@ -245,21 +253,21 @@ def validate_chain(
     codebook: np.ndarray,
 ) -> dict:
     """The whole pool through every artifact in turn, as the ensemble runs them; compared with the eager chain."""
-    pool = len(reference["PIXELS"])
+    pool = len(reference[PIXELS])
     chunks = []
     for start in range(0, pool, max_batch):
-        tensors = {"PIXELS": reference["PIXELS"][start : start + max_batch].numpy()}
+        tensors = {PIXELS: reference[PIXELS][start : start + max_batch].numpy()}
         for name, spec in specs.items():
             tensors.update(runners[name]({n: tensors[n] for n in spec.input_names}))
         chunks.append(tensors)
-    got = {n: np.concatenate([c[n] for c in chunks]) for n in ("RESIDUAL", "INDICES", "LOGIT", "PROB")}
+    got = {n: np.concatenate([c[n] for c in chunks]) for n in (RESIDUAL, INDICES, LOGIT, PROB)}
     want = _numpy(reference, got, pool)
-    measured = compare(got, want, ("INDICES",), _ties(got, want, codebook))
+    measured = compare(got, want, (INDICES,), _ties(got, want, codebook))
     found = problems(measured, tolerance)
     return {
         "images": pool,
-        "logits": got["LOGIT"][:, 0].tolist(),
-        "reference_logits": reference["LOGIT"][:, 0].tolist(),
+        "logits": got[LOGIT][:, 0].tolist(),
+        "reference_logits": reference[LOGIT][:, 0].tolist(),
         "measured": measured,
         "problems": found,
         "passed": not found,

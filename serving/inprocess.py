@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
+from d3qe_serve.contract import LOGIT, PIXELS
 from d3qe_serve.errors import D3QEServeError, ManifestError, MissingDependencyError, NotFoundError
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ def run_parts(runners: Mapping[str, PartRunner], pixels: np.ndarray) -> dict[str
     """PIXELS through vq_encoder and clip_visual into d3qe_head, as the ensemble wires them: every tensor."""
     from d3qe_serve.d3qe.parts import PART_NAMES
 
-    tensors = {"PIXELS": pixels}
+    tensors = {PIXELS: pixels}
     for part in PART_NAMES:
         tensors.update(runners[part]({n: tensors[n] for n in runners[part].input_names}))
     return tensors
@@ -124,7 +125,7 @@ def score_exported(
     size = min(batch_size, *(r.max_batch for r in runners.values()))
 
     def forward(pixels: torch.Tensor) -> list[float]:
-        return run_parts(runners, pixels.numpy())["LOGIT"].reshape(-1).tolist()
+        return run_parts(runners, pixels.numpy())[LOGIT].reshape(-1).tolist()
 
     return _score_in_batches(items, forward, threshold, size)
 

@@ -32,6 +32,7 @@ PROBLEM = {
     "too_elongated": "aspect ratio too extreme",
     "empty": "empty image",
     "truncated": "truncated or corrupt",
+    "float_pixels": "RGB pixels must be uint8",
 }
 
 
@@ -59,7 +60,11 @@ def inputs(fixture_images) -> dict[str, list[Item]]:
         ("truncated", jpeg[: len(jpeg) // 2]),
     ]
     # 16 × 12300: its resize to a 256 short side would exceed the pixel limit
-    pixels_bad = [("too_small", np.zeros((8, 8, 3), np.uint8)), ("too_elongated", np.zeros((16, 12300, 3), np.uint8))]
+    pixels_bad = [
+        ("too_small", np.zeros((8, 8, 3), np.uint8)),
+        ("too_elongated", np.zeros((16, 12300, 3), np.uint8)),
+        ("float_pixels", np.zeros((64, 64, 3), np.float32)),
+    ]
     return {
         "encoded": _interleave([(p.name, p.read_bytes()) for p in fixture_images], encoded_bad),
         "pixels": _interleave([(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in fixture_images], pixels_bad),
