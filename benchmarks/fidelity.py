@@ -30,9 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from d3qe_serve.benchmarks import Results, exported_weights, report_header, results_dir, save_figure, weights_record
-from d3qe_serve.client.results import DEFAULT_THRESHOLD
 from d3qe_serve.contract import INDICES, LOGIT, PIXELS, RESIDUAL
 from d3qe_serve.errors import InputError
+from d3qe_serve.export.fidelity import summarize
 from d3qe_serve.serving.inprocess import WeightOptions
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -140,56 +140,6 @@ def served_logits(url: str, items, timeout: float) -> np.ndarray:
             if r.ok:
                 logits[i] = r.logit
     return logits
-
-
-def _quantiles(values: np.ndarray) -> dict[str, float | None]:
-    if not values.size:
-        return {"p50": None, "p99": None, "max": None}
-    return {
-        "p50": float(np.quantile(values, 0.5)),
-        "p99": float(np.quantile(values, 0.99)),
-        "max": float(values.max()),
-    }
-
-
-def summarize(
-    name: str, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], codebook: np.ndarray | None
-) -> dict:
-    """The fidelity of one configuration against the reference (see the module's docstring)."""
-    from d3qe_serve.export.validate import INDEX_OUTPUTS, token_ties
-
-    ref_logit, logit = reference[LOGIT].reshape(-1), got[LOGIT].reshape(-1)
-    ok = np.isfinite(logit)
-    dlogit = np.abs(logit.astype(np.float64) - ref_logit)
-    verdict_ref, verdict = ref_logit > _logit(DEFAULT_THRESHOLD), logit > _logit(DEFAULT_THRESHOLD)
-    row = {
-        "config": name,
-        "images": len(ref_logit),
-        "failed": int((~ok).sum()),
-        "dlogit": _quantiles(dlogit[ok]),
-        "verdict_agreement": float((verdict_ref == verdict)[ok].mean()),
-        "per_image_dlogit": [float(d) for d in dlogit],
-    }
-    if codebook is None or not set(INDEX_OUTPUTS) <= got.keys():
-        return row
-    ties = token_ties(got[RESIDUAL], got[INDICES], reference[RESIDUAL], reference[INDICES], codebook)
-    flipped_images = ties["flipped"].any(axis=1)
-    row.update(
-        token_agreement=float(1 - ties["flipped"].mean()),
-        images_all_tokens_equal=float(1 - flipped_images.mean()),
-        near_tie_rate=float(ties["near_tie"].mean()),
-        flipped_tokens=int(ties["flipped"].sum()),
-        flips_outside_ties=int((ties["flipped"] & ~ties["near_tie"]).sum()),
-        dlogit_images_with_flips=_quantiles(dlogit[flipped_images & ok]),
-        dlogit_images_without_flips=_quantiles(dlogit[~flipped_images & ok]),
-        latent_error=_quantiles(ties["error"].reshape(-1)),
-        per_image_flips=[int(n) for n in ties["flipped"].sum(axis=1)],
-    )
-    return row
-
-
-def _logit(p: float) -> float:
-    return float(np.log(p / (1 - p)))
 
 
 def reference_gaps(reference: dict[str, np.ndarray], codebook: np.ndarray) -> dict[str, float]:

@@ -7,15 +7,22 @@ import sys
 from pathlib import Path
 
 from d3qe_serve.cli.options import add_weight_arguments, weight_options
-from d3qe_serve.errors import CheckpointError, ImageError, UnsupportedError, ValidationError
-from d3qe_serve.export.driver import PRECISIONS, RUNTIMES, export_model
+from d3qe_serve.errors import CheckpointError, ImageError, MissingDependencyError, UnsupportedError, ValidationError
+from d3qe_serve.export.driver import export_model
+from d3qe_serve.export.plan import EXPORT_PRECISIONS, RUNTIMES
 from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_weight_arguments(p)
     p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=EXPORT_PRECISIONS,
+        default="fp32",
+        help="int8: ONNX Runtime's dynamic int8 on onnxruntime, static int8 calibrated on corpus images on openvino; "
+        "only where a part declares it (d3qe/parts.py)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the artifacts take")
     p.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="the Triton repository to write")
     p.add_argument(
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         log(f"d3qe export: VALIDATION FAILED\n{e}")
         return 1
-    except (UnsupportedError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
+    except (UnsupportedError, MissingDependencyError, CheckpointError, ImageError, FileNotFoundError, ValueError) as e:
         log(f"d3qe export: {e}")
         return 2
     log(f"wrote {args.out / 'manifest.json'}: {len(manifest.parts)} parts, validated")

@@ -37,6 +37,7 @@ COMMANDS = {
         "eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", "eval"
     ),
     "export": Command("export", "export the model to validated ONNX Runtime / TensorRT / torch artifacts", "export"),
+    "tune": Command("tune", "each part's runtime and precision chosen by measurement within fidelity bounds", "export"),
     "serve": Command("serve", "run the Triton server on an exported model repository (foreground, loopback)", "serve"),
     "bulk": Command(
         "bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset", "bulk"

@@ -53,9 +53,7 @@ def freq_biased_attention_onnx(q, k, v, qb, kb, gamma):
 
 def freq_biased_attention_plugin(q, k, v, qb, kb, gamma):
     # The plugin reads γ as fp32 whatever the activations' precision (see export/tensorrt_plugin.py).
-    return PLUGIN_OP(
-        q, k, v, qb, kb, op.Cast(gamma, to=TensorProto.FLOAT), plugin_namespace=PLUGIN_NAMESPACE, aot=1
-    )
+    return PLUGIN_OP(q, k, v, qb, kb, op.Cast(gamma, to=TensorProto.FLOAT), plugin_namespace=PLUGIN_NAMESPACE, aot=1)
 
 
 def translation_table(*, plugin: bool = False) -> dict:

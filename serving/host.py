@@ -11,6 +11,7 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -22,6 +23,8 @@ TOOLS = (
     "onnxscript",
     "onnxruntime",
     "onnxruntime-gpu",
+    "openvino",
+    "nncf",
     "tensorrt",
     "triton",
     "open_clip_torch",
@@ -87,3 +90,27 @@ def tool_versions(*, commit: bool = False) -> dict[str, str | None]:
             git = ""
         versions["d3qe-serve commit"] = git.strip() or None
     return versions
+
+
+def openvino_capabilities() -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin says this CPU computes natively (OPTIMIZATION_CAPABILITIES: FP32, BF16, INT8,
+    ...); OpenVINO must be installed."""
+    import openvino
+
+    return tuple(openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def openvino_precision_problem(precision: str, capabilities: Iterable[str]) -> str | None:
+    """Why OpenVINO cannot compute `precision` ("bf16", "int8-bf16", ...) on a CPU with these capabilities,
+    or None where it can. bf16 only where the CPU computes it natively (AVX512-BF16, AMX): elsewhere OpenVINO
+    would emulate it, slower than fp32 and no more exact."""
+    capabilities = set(capabilities)
+    listed = ", ".join(sorted(capabilities))
+    if "bf16" in precision and "BF16" not in capabilities:
+        return (
+            f"this CPU does not compute bfloat16 natively (OpenVINO's CPU capabilities: {listed}; bf16 needs "
+            "AVX512-BF16 or AMX): use fp32 or int8"
+        )
+    if precision.startswith("int8") and "INT8" not in capabilities:
+        return f"OpenVINO's CPU plugin reports no INT8 support here (its capabilities: {listed}): use fp32"
+    return None

@@ -20,6 +20,8 @@ from d3qe_serve.errors import ManifestError
 
 MANIFEST = "manifest.json"
 FORMAT = "d3qe-export/1"
+# A part's fields added since the format began (issue 22): written only where set
+ADDED_PART_FIELDS = ("quantized", "calibration", "inference_precision", "extra_files")
 
 
 def sha256_file(path: Path) -> str:
@@ -40,8 +42,8 @@ def checkpoint_record(path: str | Path | None) -> dict | None:
 
 @dataclass
 class PartEntry:
-    runtime: str  # onnxruntime, tensorrt or torch
-    precision: str
+    runtime: str  # onnxruntime, openvino, tensorrt or torch
+    precision: str  # fp32, fp16, bf16 or int8 (which int8: `quantization`)
     file: str  # relative to the repository
     sha256: str
     bytes: int
@@ -52,13 +54,28 @@ class PartEntry:
     export_seconds: float
     validation: dict = field(default_factory=dict)  # export.validate.validate_part's record
     opset: int | None = None
+    # int8: "static" (calibrated) or "dynamic"; exports before static int8 wrote a description here instead
+    # ("onnxruntime quantize_dynamic: ..."), read as it is (`quantization_kind`).
     quantization: str | None = None
+    quantized: str | None = None  # int8: which operations the quantiser took, and how
+    calibration: dict | None = None  # static int8: the corpus images it was calibrated on (indices, digest)
+    inference_precision: str | None = None  # openvino: the INFERENCE_PRECISION_HINT it is compiled with
+    # Files the artifact reads beside it (OpenVINO IR: its weights, model.bin), relative path → sha256;
+    # checked with it. `bytes` counts them too.
+    extra_files: dict[str, str] | None = None
     source_onnx: str | None = None  # tensorrt: the ONNX the engine was built from
     plugin: bool = False  # tensorrt: D³AT attention through the fused-kernel plugin
 
     @property
     def passed(self) -> bool:
         return bool(self.validation.get("passed"))
+
+    @property
+    def quantization_kind(self) -> str | None:
+        """ "static", "dynamic" or None (no int8), for manifests of every version."""
+        if self.quantization is None or self.quantization in ("static", "dynamic"):
+            return self.quantization
+        return "dynamic" if "quantize_dynamic" in self.quantization else "static"
 
     @property
     def input_names(self) -> list[str]:
@@ -85,6 +102,7 @@ class Manifest:
     seeded_weights: dict | None = None  # {"preset", "seed"} without a checkpoint: the scores mean nothing
     validation_inputs: list[str] = field(default_factory=list)
     end_to_end: dict | None = None
+    tuning: dict | None = None  # `d3qe tune` (export.tune): every candidate measured, and why each part got its choice
     passed: bool = False
     format: str = FORMAT
 
@@ -104,7 +122,8 @@ class Manifest:
         return joined([e.runtime for e in entries]), joined([e.precision for e in entries])
 
     def artifact(self, repo_dir: Path, part: str) -> Path:
-        """The path of `part`'s artifact, checked: validated at export, present, and the very file validated.
+        """The path of `part`'s artifact, checked: validated at export, present, and the very file validated
+        (and so are the files it reads beside it, `PartEntry.extra_files`).
 
         A truncated or altered artifact may still load, then score wrongly: its sha256 is compared first.
         """
@@ -114,18 +133,27 @@ class Manifest:
         if not entry.passed:
             raise ManifestError(f"{repo_dir}: {part} failed validation at export: {entry.validation.get('problems')}")
         path = Path(repo_dir) / entry.file
-        if not path.is_file():
-            raise FileNotFoundError(f"{part}: artifact {path} named in the manifest is missing")
-        if sha256_file(path) != entry.sha256:
-            raise ManifestError(
-                f"{part}: {path} is not the file exported (its sha256 differs from manifest.json): "
-                "corrupt or changed since the export; export again"
-            )
+        for file, sha256 in {entry.file: entry.sha256, **(entry.extra_files or {})}.items():
+            found = Path(repo_dir) / file
+            if not found.is_file():
+                raise FileNotFoundError(f"{part}: artifact {found} named in the manifest is missing")
+            if sha256_file(found) != sha256:
+                raise ManifestError(
+                    f"{part}: {found} is not the file exported (its sha256 differs from manifest.json): "
+                    "corrupt or changed since the export; export again"
+                )
         return path
 
     def to_json(self) -> dict:
-        """The manifest as JSON holds it (tensor shapes as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The manifest as JSON holds it (tensor shapes as lists); a part's fields added since the format began
+        (`ADDED_PART_FIELDS`) only where set, so that a manifest written before them reads back as written
+        (and keeps its `id`)."""
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        for part in data["parts"].values():
+            for name in ADDED_PART_FIELDS:
+                if part.get(name) is None:
+                    part.pop(name, None)
+        return data
 
     def text(self) -> str:
         """The manifest as `write` writes it."""

@@ -27,8 +27,8 @@ the parts its outputs need (`parts_run`): the evidence ensemble (written when th
 
 A gate's queue policy is where overload is refused (see `admission_config`); the ensembles and the
 parts have none. `configs/native.pbtxt` (with `native=True`) is for NVIDIA's server container, which
-has the native `onnxruntime_onnx` and `tensorrt_plan` backends: `tritonserver --model-config-name=native`
-picks it up and falls back to `config.pbtxt` for the other models.
+has the native `onnxruntime_onnx`, `tensorrt_plan` and `openvino` backends: `tritonserver
+--model-config-name=native` picks it up and falls back to `config.pbtxt` for the other models.
 """
 
 from __future__ import annotations
@@ -55,6 +55,13 @@ MODELS_PACKAGE = "d3qe_serve.model_repository"  # its modules are the python-bac
 VERSION = "1"
 NATIVE_CONFIG_NAME = "native"
 NATIVE_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+NATIVE_BACKENDS = {"openvino": "openvino"}  # named by backend, not platform, in NVIDIA's container
+# NVIDIA's OpenVINO backend has no parameter for an f32 precision hint (only HINT_BF16: YES), so on CPUs with
+# AVX512-BF16 or AMX it computes an fp32 part in bf16, as OpenVINO does unless told otherwise.
+OPENVINO_BACKEND_FP32_CAVEAT = (
+    "# Built to compute in f32, but NVIDIA's openvino backend cannot ask OpenVINO for f32 (HINT_BF16 only): on a\n"
+    "# CPU with AVX512-BF16 or AMX it computes in bf16 (VQ codes ~91 % equal). There, serve config.pbtxt.\n"
+)
 DEFAULT_QUEUE_DELAY_US = 2000  # a CPU batch takes ~1 s: waiting 2 ms for companions costs nothing
 WARMUP_IMAGE = "image"
 DEFAULT_MAX_QUEUE_SIZE = 64  # requests waiting at a gate; one more is refused at once
@@ -143,19 +150,40 @@ def part_config(
     return config
 
 
+def openvino_backend_parameters(entry: PartEntry, threads: int) -> dict[str, str]:
+    """The parameters of NVIDIA's OpenVINO backend (triton-inference-server/openvino_backend README) for a part:
+    one stream per instance at the latency hint with the instance's threads, as `OpenVinoRunner` compiles it;
+    bf16 hinted where the part is built for it. The backend compiles the model for exactly max_batch_size
+    images and refuses other batch sizes unless it pads them (ENABLE_BATCH_PADDING)."""
+    params = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(threads),
+        "ENABLE_BATCH_PADDING": "YES",
+    }
+    if entry.inference_precision == "bf16":
+        params["HINT_BF16"] = "YES"
+    return params
+
+
 def native_config(
     part: Signature, entry: PartEntry, *, device: str, instances: int, threads: int, queue_delay_us: int
 ) -> mc.ModelConfig:
-    """The same part on NVIDIA's native ONNX Runtime / TensorRT backend (not runnable with the pytriton wheel)."""
-    config = mc.ModelConfig(
-        name=part.name, platform=NATIVE_PLATFORMS[entry.runtime], default_model_filename=Path(entry.file).name
-    )
+    """The same part on NVIDIA's native ONNX Runtime / TensorRT / OpenVINO backend (not runnable with the
+    pytriton wheel)."""
+    config = mc.ModelConfig(name=part.name, default_model_filename=Path(entry.file).name)
+    if entry.runtime in NATIVE_BACKENDS:
+        config.backend = NATIVE_BACKENDS[entry.runtime]
+    else:
+        config.platform = NATIVE_PLATFORMS[entry.runtime]
     _batching(config, entry.max_batch, queue_delay_us)
     _add_tensors(config.input, part.inputs)
     _add_tensors(config.output, part.outputs)
     _instances(config, device, instances)
     if entry.runtime == "onnxruntime":
         config.parameters["intra_op_thread_count"].string_value = str(threads)
+    if entry.runtime == "openvino":
+        _parameters(config, openvino_backend_parameters(entry, threads))
     return config
 
 
@@ -269,9 +297,9 @@ def warmup_image(size: int) -> bytes:
     return serialize_byte_tensor(np.array([buf.getvalue()], dtype=np.object_)).item()
 
 
-def _write_config(path: Path, config: mc.ModelConfig) -> Path:
+def _write_config(path: Path, config: mc.ModelConfig, comment: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text_format.MessageToString(config))
+    path.write_text(comment + text_format.MessageToString(config))
     return path
 
 
@@ -341,8 +369,9 @@ def write_repository(
         written.append(_write_config(out_dir / part / "config.pbtxt", config))
         written.append(_install_model("part", out_dir / part))
         native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
-        if native and entry.runtime in NATIVE_PLATFORMS:
-            written.append(_write_config(native_path, native_config(served[part], entry, **options)))
+        if native and (entry.runtime in NATIVE_PLATFORMS or entry.runtime in NATIVE_BACKENDS):
+            caveat = OPENVINO_BACKEND_FP32_CAVEAT if entry.inference_precision == "f32" else ""
+            written.append(_write_config(native_path, native_config(served[part], entry, **options), caveat))
         else:
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
     pixels = contract.tensors(shapes)[PIXELS]

@@ -20,6 +20,9 @@ from d3qe_serve.errors import MissingProviderError
 from d3qe_serve.serving.manifest import Manifest, PartEntry
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# OpenVINO's INFERENCE_PRECISION_HINT for each precision an OpenVINO part is built at (export.plan.PRECISIONS),
+# always said: on CPUs with AVX512-BF16 or AMX, OpenVINO computes an fp32 model in bf16 unless told otherwise.
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
 
 
 @contextlib.contextmanager
@@ -144,6 +147,43 @@ class OnnxRuntimeRunner(PartRunner):
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return outputs
+
+
+class OpenVinoRunner(PartRunner):
+    """The part's ONNX (static int8: NNCF's OpenVINO IR) read and compiled by OpenVINO for the CPU: one stream
+    (one inference at a time, as a Triton instance runs them), `threads` inference threads, the precision hint
+    the manifest names (`PartEntry.inference_precision`).
+
+    Thread pinning is off: each Triton instance is a process of its own, and pinned, all would take the
+    same first cores.
+    """
+
+    def __init__(
+        self, part: str, entry: PartEntry, path: Path, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        import openvino as ov
+
+        super().__init__(part, entry)
+        if device != "cpu":
+            raise MissingProviderError(f"{part}: its OpenVINO artifact runs on the CPU here, not on {device}")
+        hint = entry.inference_precision or OPENVINO_PRECISIONS[entry.precision]
+        self.config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_PRECISION_HINT": hint,
+            "ENABLE_CPU_PINNING": "NO",
+        }
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = str(threads)
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
+        self.request = self.compiled.create_infer_request()
+        self.ports = {name: self.compiled.output(name) for name in self.output_names}
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {n: t.cpu().numpy() for n, t in feeds.items()}
+        results = self.request.infer(arrays, share_inputs=True)
+        return {n: torch.from_numpy(np.array(results[port])) for n, port in self.ports.items()}
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -279,6 +319,8 @@ def runner_for(
         raise ValueError(f"{part}: compile applies to the torch runtime; this part is exported for {entry.runtime}")
     if entry.runtime == "onnxruntime":
         return OnnxRuntimeRunner(part, entry, path, device, threads)
+    if entry.runtime == "openvino":
+        return OpenVinoRunner(part, entry, path, device, threads)
     if entry.runtime == "torch":
         return TorchRunner(part, manifest, path, device, threads, compile)
     if entry.runtime == "tensorrt":
@@ -292,7 +334,7 @@ def load_part(
     """The runner of one exported part of the repository at `repo_dir`, its artifact checked first
     (`Manifest.artifact`: validated at export, and the very file validated).
 
-    `threads`: intra-op threads on CPU (ONNX Runtime, torch); None leaves the runtime's default.
+    `threads`: intra-op threads on CPU (ONNX Runtime, OpenVINO, torch); None leaves the runtime's default.
     `compile`: a torch-runtime part compiled with Inductor (`TorchRunner`).
     """
     manifest = Manifest.read(Path(repo_dir))

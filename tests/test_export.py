@@ -95,6 +95,19 @@ def test_manifest_reader_names_what_is_wrong(onnx_repo, tmp_path):
     )
 
 
+def test_manifests_from_before_static_int8_read_as_written(onnx_repo):
+    """A part's int8 of an older export (a description in `quantization`) reads as dynamic, and the manifest
+    reads back to the very same JSON (so its id, which bulk rows and the gates carry, is unchanged)."""
+    data = json.loads((onnx_repo / "manifest.json").read_text())
+    assert not {"quantized", "calibration", "inference_precision"} & data["parts"]["clip_visual"].keys()
+    old = "onnxruntime quantize_dynamic: MatMul/Gemm in clip_model.visual"
+    data["parts"]["clip_visual"].update(precision="int8", quantization=old)
+    manifest = Manifest.from_json(data)
+    assert manifest.parts["clip_visual"].quantization_kind == "dynamic"
+    assert manifest.parts["vq_encoder"].quantization_kind is None
+    assert manifest.to_json() == data
+
+
 def test_native_configs_only_when_asked(onnx_repo, tiny_repository):
     """`--native-configs` adds the container's backend configs beside the python-backend ones."""
     for part in PART_NAMES:
@@ -255,6 +268,8 @@ def test_export_beyond_tolerance_fails_loudly(tiny_checkpoint, tmp_path, monkeyp
     assert manifest["passed"] is False
     parts = manifest["parts"]
     assert [parts[p]["precision"] for p in PART_NAMES] == ["fp32", "int8", "fp32"]  # int8 only where declared
+    assert parts["clip_visual"]["quantization"] == "dynamic"  # --precision int8 on onnxruntime: as always
+    assert parts["clip_visual"]["quantized"].startswith("onnxruntime quantize_dynamic: MatMul/Gemm in clip_model")
     assert [parts[p]["validation"]["passed"] for p in PART_NAMES] == [True, False, True]
     assert sorted(parts["vq_encoder"]["validation"]["batches"], key=int) == ["1", "3", "4"]
     assert not (tmp_path / "d3qe" / "config.pbtxt").exists()  # no Triton repository around failed artifacts
