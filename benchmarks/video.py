@@ -113,7 +113,8 @@ def bench_video(
     on `repo` (`batch_size` frames a request, `concurrency` in flight); `every_frame`: also time decoding every
     frame. Writes video.json and video.png to `out` (default `results_dir`)."""
     from d3qe_serve.client.grpc_client import D3QEClient
-    from d3qe_serve.client.video import VIDEO_MODEL, decode_frames, score_video
+    from d3qe_serve.client.video import decode_frames, score_video
+    from d3qe_serve.contract import RGB_ENTRANCE
     from d3qe_serve.serving.manifest import Manifest
     from d3qe_serve.serving.server import served
 
@@ -127,7 +128,7 @@ def bench_video(
         source_frames = round(seconds * rate)
         print(f"  {source_frames / elapsed:.1f} frames/s encoded", file=sys.stderr)
 
-        client = D3QEClient(grpc_url, VIDEO_MODEL, batch_size=batch_size, concurrency=concurrency)
+        client = D3QEClient(grpc_url, RGB_ENTRANCE, batch_size=batch_size, concurrency=concurrency)
         model = client.wait_until_ready(600)
         rows += decode_then_score(clip, client, fps, source_frames)
         if every_frame:

@@ -23,7 +23,8 @@ from typing import TextIO
 from d3qe_serve.cli.options import add_runtime_arguments, open_scorer
 from d3qe_serve.client.results import ScoreResult
 from d3qe_serve.client.score import expand_paths, partition, score_videos
-from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoResult
+from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoResult
+from d3qe_serve.contract import RGB_ENTRANCE
 from d3qe_serve.errors import InputError
 
 
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     video.add_argument("--fps", type=float, default=DEFAULT_FPS, help="frames scored per second of video")
     video.add_argument("--every-frame", action="store_true", help="score every frame (not --fps)")
     video.add_argument("--plot", type=Path, metavar="DIR", help="write a timeline PNG per video into DIR")
-    video.add_argument("--video-model", default=VIDEO_MODEL, help="server: the ensemble taking decoded RGB pixels")
+    video.add_argument("--video-model", default=RGB_ENTRANCE, help="server: the ensemble taking decoded RGB pixels")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="one JSON object per line")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv")

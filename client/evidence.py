@@ -28,8 +28,6 @@ from d3qe_serve.contract import (
 )
 from d3qe_serve.errors import EvidenceError
 
-EVIDENCE_MODEL = EVIDENCE_ENTRANCE
-
 
 @dataclass(frozen=True)
 class CodeUsage:
@@ -80,7 +78,7 @@ def fetch_evidence(
     grpc: grpcclient.InferenceServerClient,
     source: str,
     image: bytes,
-    model: str = EVIDENCE_MODEL,
+    model: str = EVIDENCE_ENTRANCE,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> Evidence:
     """One encoded image through `model`; raises EvidenceError with the server's reason when it fails."""

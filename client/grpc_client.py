@@ -36,9 +36,9 @@ import tritonclient.grpc.aio as grpcclient_aio
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
-from d3qe_serve.client.evidence import EVIDENCE_MODEL, Evidence, EvidenceError, fetch_evidence
+from d3qe_serve.client.evidence import Evidence, EvidenceError, fetch_evidence
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, ScoreResult
-from d3qe_serve.contract import IMAGE, IMAGE_ENTRANCE, LOGIT, PROB, RGB, RGB_ENTRANCE, entrance
+from d3qe_serve.contract import EVIDENCE_ENTRANCE, IMAGE, IMAGE_ENTRANCE, LOGIT, PROB, RGB, RGB_ENTRANCE, entrance
 from d3qe_serve.errors import ModelMismatchError, ServerNotReadyError
 
 DEFAULT_URL = "localhost:8001"
@@ -383,7 +383,7 @@ class D3QEClient(_ClientBase):
         """One request (split only if an image in it fails), in this thread: for callers timing requests."""
         return self._drive(self._plan(batch))
 
-    def evidence(self, item: Item, model: str = EVIDENCE_MODEL) -> Evidence:
+    def evidence(self, item: Item, model: str = EVIDENCE_ENTRANCE) -> Evidence:
         """One encoded image's score with a reviewer's evidence (`client.evidence`), from the evidence ensemble."""
         read = _read_item(item, IMAGE)
         if isinstance(read, ScoreResult):

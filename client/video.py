@@ -45,10 +45,8 @@ from tqdm import tqdm
 
 from d3qe_serve.client.grpc_client import D3QEClient
 from d3qe_serve.client.results import DEFAULT_THRESHOLD, Scorer
-from d3qe_serve.contract import RGB_ENTRANCE
 from d3qe_serve.errors import MissingDependencyError, VideoError
 
-VIDEO_MODEL = RGB_ENTRANCE  # frames go to the server as decoded pixels
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi"}
 DEFAULT_FPS = 2.0
 MAX_FRAMES = 100_000  # sampled frames per video: 100 000 at 2 fps is almost 14 hours

@@ -181,9 +181,9 @@ def test_the_clients_restate_no_name_of_the_contract():
 
 
 def test_one_default_entrance_per_meaning():
-    from d3qe_serve.client import grpc_client, reward, video
+    from d3qe_serve.client import evidence, grpc_client, reward, video
 
     assert grpc_client.DEFAULT_MODEL == contract.IMAGE_ENTRANCE
-    assert video.VIDEO_MODEL == contract.RGB_ENTRANCE
+    assert not hasattr(video, "VIDEO_MODEL") and not hasattr(evidence, "EVIDENCE_MODEL")
     assert not hasattr(reward, "DEFAULT_MODEL")
     assert reward.D3QEReward.__init__.__kwdefaults__["model"] == contract.RGB_ENTRANCE

@@ -33,10 +33,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from tritonclient.utils import InferenceServerException
 
-from d3qe_serve.client.evidence import EVIDENCE_MODEL, EvidenceError
+from d3qe_serve.client.evidence import EvidenceError
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL, DEFAULT_URL, D3QEClient, ServerNotReadyError
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
-from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_MODEL, VIDEO_SUFFIXES, VideoError, VideoResult, score_video
+from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoError, VideoResult, score_video
+from d3qe_serve.contract import EVIDENCE_ENTRANCE, RGB_ENTRANCE
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = "127.0.0.1"
@@ -82,7 +83,9 @@ class Clients:
     @classmethod
     def open(cls, settings: Settings) -> Clients:
         options = {"timeout": settings.timeout, "threshold": settings.threshold}
-        return cls(D3QEClient(settings.url, DEFAULT_MODEL, **options), D3QEClient(settings.url, VIDEO_MODEL, **options))
+        return cls(
+            D3QEClient(settings.url, DEFAULT_MODEL, **options), D3QEClient(settings.url, RGB_ENTRANCE, **options)
+        )
 
     def close(self) -> None:
         self.images.close()
@@ -160,7 +163,7 @@ def evidence_of(clients: Clients, upload: Upload) -> dict:
         raise EvidenceError(f"{upload.name}: {upload.error}")
     if _is_video(upload.name):
         raise EvidenceError(f"{upload.name}: the evidence view is for images; a video's frames are on its timeline")
-    return clients.images.evidence((upload.name, _read(upload)), EVIDENCE_MODEL).as_dict()
+    return clients.images.evidence((upload.name, _read(upload)), EVIDENCE_ENTRANCE).as_dict()
 
 
 def _server_error(e: Exception) -> JSONResponse:
@@ -181,7 +184,7 @@ def create_app(settings: Settings = Settings()) -> Starlette:
         def ready() -> dict[str, bool]:
             grpc = grpcclient.InferenceServerClient(settings.url)
             try:
-                return {m: grpc.is_model_ready(m) for m in (DEFAULT_MODEL, VIDEO_MODEL, EVIDENCE_MODEL)}
+                return {m: grpc.is_model_ready(m) for m in (DEFAULT_MODEL, RGB_ENTRANCE, EVIDENCE_ENTRANCE)}
             finally:
                 grpc.close()
 
