@@ -39,7 +39,8 @@ class Profile:
 
     device: str
     images: int  # distinct images; every configuration scores all of them
-    eager_batch: int  # upstream's eval batches its DataLoader; on 2 CPU cores batch 1 is eager's fastest
+    # upstream's eval batches its DataLoader; each size is measured and the fastest is the reference ("× eager")
+    eager_batches: tuple[int, ...]
     runtime_batch: int
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
     min_requests: int = 16  # per concurrency level: max(min_requests, clients), images reused in turn
@@ -50,8 +51,8 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile(device="cpu", images=16, eager_batch=1, runtime_batch=1, decoders=1),
-    "gpu": Profile(device="cuda", images=512, eager_batch=32, runtime_batch=32, min_requests=512, warmup=8),
+    "cpu": Profile(device="cpu", images=16, eager_batches=(1, 4), runtime_batch=1, decoders=1),
+    "gpu": Profile(device="cuda", images=512, eager_batches=(32,), runtime_batch=32, min_requests=512, warmup=8),
 }
 
 
@@ -69,6 +70,8 @@ class Row:
     failed: int = 0
     max_abs_dlogit: float | None = None
     verdict_agreement: float | None = None
+    # served: where a request's time went, per model (`time_profile`)
+    time_profile: dict[str, dict[str, float]] | None = field(default=None, repr=False)
 
     @property
     def images_per_s(self) -> float:
@@ -168,7 +171,7 @@ def timed_batches(
     return time.perf_counter() - start, latencies, np.concatenate(logits)
 
 
-def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.ndarray]:
+def bench_eager(model, images: list[bytes], profile: Profile, batch: int) -> tuple[Row, np.ndarray]:
     import torch
 
     device = torch.device(profile.device)
@@ -180,11 +183,10 @@ def bench_eager(model, images: list[bytes], profile: Profile) -> tuple[Row, np.n
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     seconds, lat, logits = timed_batches(
-        images, profile.eager_batch, profile.warmup, forward, "eager fp32", sync, profile.decoders
+        images, batch, profile.warmup, forward, f"eager fp32, batch {batch}", sync, profile.decoders
     )
-    row = Row(
-        "eager (upstream-style)", "pytorch eager", "fp32", f"batch {profile.eager_batch}", len(images), seconds, lat
-    )
+    name = f"eager (upstream-style), batch {batch}"
+    row = Row(name, "pytorch eager", "fp32", f"batch {batch}", len(images), seconds, lat)
     return row, logits
 
 
@@ -240,14 +242,61 @@ async def bench_server_level(
                     logits[j] = result.logit
                 bar.update()
 
+        before = model_statistics(url)
         start = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(clients)))
         seconds = time.perf_counter() - start
+        profile = time_profile(before, model_statistics(url))
     bar.close()
     runtime, precision = Manifest.read(repo).describe()
     policy = f"1 image/request ({info.input}), dynamic batching"
-    name = "triton gRPC" + ("" if model == DEFAULT_MODEL else f" {model}") + f", {clients} clients"
-    return Row(name, f"triton + {runtime}", precision, policy, requests, seconds, latencies), logits
+    name = f"triton gRPC {repo.name}" + ("" if model == DEFAULT_MODEL else f" {model}") + f", {clients} clients"
+    row = Row(name, f"triton + {runtime}", precision, policy, requests, seconds, latencies, time_profile=profile)
+    return row, logits
+
+
+def model_statistics(url: str) -> dict[str, dict[str, int]]:
+    """Each served model's cumulative counters (Triton's statistics extension): requests, executions, batched
+    inferences and nanoseconds per phase (queue, compute input/infer/output, and success: the whole request)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as c:
+        stats = c.get_inference_statistics(as_json=True)
+    counters: dict[str, dict[str, int]] = {}
+    for m in stats.get("model_stats", []):
+        phases = m.get("inference_stats", {})
+        record = {"requests": int(phases.get("success", {}).get("count", 0))}
+        record["executions"] = int(m.get("execution_count", 0))
+        record["inferences"] = int(m.get("inference_count", 0))
+        for phase in PHASES:
+            record[f"{phase}_ns"] = int(phases.get(phase, {}).get("ns", 0))
+        name = m["name"] if m.get("version") in (None, "", "1") else f"{m['name']}/{m['version']}"
+        counters[name] = record
+    return counters
+
+
+PHASES = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+
+
+def time_profile(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Where a served request's time went between two `model_statistics` snapshots, per model that ran: requests,
+    mean batch per execution, and ms per request waiting in its queue, computing (its batch's input, infer and
+    output), and in the model in all (a gate's includes the ensemble it calls; an ensemble's, its steps and the
+    hand-offs between them)."""
+    profile = {}
+    for name, now in after.items():
+        d = {k: v - before.get(name, {}).get(k, 0) for k, v in now.items()}
+        n = d["requests"]
+        if n <= 0:
+            continue
+        profile[name] = {
+            "requests": n,
+            "mean_batch": d["inferences"] / d["executions"] if d["executions"] else float("nan"),
+            "queue_ms": d["queue_ns"] / n / 1e6,
+            "compute_ms": (d["compute_input_ns"] + d["compute_infer_ns"] + d["compute_output_ns"]) / n / 1e6,
+            "total_ms": d["success_ns"] / n / 1e6,
+        }
+    return profile
 
 
 def server_policy(url: str, repo: Path) -> dict:
@@ -304,7 +353,28 @@ def markdown(report: dict) -> str:
             f"| {s['vs_eager']:.2f} | {s['p50_ms']:.0f} | {s['p90_ms']:.0f} | {s['p99_ms']:.0f} | {dlogit} "
             f"| {agree} | {s['failed']} |"
         )
-    return "\n".join(head + lines) + "\n"
+    return "\n".join(head + lines + profile_lines(report["rows"])) + "\n"
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """Per served row, where a request's time went (`time_profile`), one model a line."""
+    lines = []
+    for s in rows:
+        if not s.get("time_profile"):
+            continue
+        lines += [
+            "",
+            f"Where a request's time went, {s['name']} ({s['precision']}; client p50 {s['p50_ms']:.0f} ms):",
+            "",
+            "| model | requests | mean batch | queue ms | compute ms | in model ms |",
+            "|---" * 6 + "|",
+        ]
+        for model, p in s["time_profile"].items():
+            lines.append(
+                f"| {model} | {p['requests']} | {p['mean_batch']:.2f} | {p['queue_ms']:.1f} | {p['compute_ms']:.1f} "
+                f"| {p['total_ms']:.1f} |"
+            )
+    return lines
 
 
 def server_lines(policy: dict) -> list[str]:
@@ -364,12 +434,15 @@ def bench(
     server: bool = True,
     timeout: float = 600.0,
     compile: bool = False,
+    serve_each: bool = False,
     out: Path | None = None,
 ) -> Results:
-    """Eager (the weights `repos[0]` was exported from, `exported_weights`), each repository in-process, and
-    unless not `server` the first repository served (or the server at `url`) for each of `models` at each of
-    the profile's client counts; writes bench.json, bench.md and bench.png to `out` (default `results_dir`).
-    `timeout`: seconds per request; `compile`: in-process torch-runtime parts through torch.compile."""
+    """Eager at each of the profile's batch sizes (the weights `repos[0]` was exported from, `exported_weights`;
+    the fastest is the reference of "× eager"), each repository in-process, and unless not `server` the first
+    repository served (each of them with `serve_each`; or the server at `url`) for each of `models` at each of
+    the profile's client counts, with where a request's time went (`time_profile`); writes bench.json, bench.md
+    and bench.png to `out` (default `results_dir`). `timeout`: seconds per request; `compile`: in-process
+    torch-runtime parts through torch.compile."""
     import torch
 
     info = machine(profile.device)
@@ -380,28 +453,32 @@ def bench(
 
     reference = exported_weights(weights, repos[0] if repos else None)
     model = reference.load()
-    eager_row, eager_logits = bench_eager(model, images, profile)
-    eager_row.compare(eager_logits, eager_logits, threshold)
+    rows, eager_logits = [], None
+    for batch in profile.eager_batches:
+        row, logits = bench_eager(model, images, profile, batch)
+        eager_logits = logits if eager_logits is None else eager_logits
+        row.compare(logits, eager_logits, threshold)
+        rows.append(row)
+    eager_row = max(rows, key=lambda r: r.images_per_s)
     del model
     if profile.device == "cuda":
         torch.cuda.empty_cache()
-    rows = [eager_row]
     for repo in repos:
         row, logits = bench_parts(repo, images, profile, compile)
         row.compare(logits, eager_logits, threshold)
         rows.append(row)
     policy: dict = {}
-    if server and repos:
+    for repo in (repos if serve_each and url is None else repos[:1]) if server else ():
         from d3qe_serve.serving.server import served
 
-        with served(url, repos[0]) as (served_url, _):
-            policy = server_policy(served_url, repos[0])
+        with served(url, repo) as (served_url, _):
+            policy = policy or server_policy(served_url, repo)
             for model_name in models:
                 for clients in profile.concurrency:
                     requests = max(profile.min_requests, clients)
                     row, logits = asyncio.run(
                         bench_server_level(
-                            served_url, model_name, images, clients, requests, profile.warmup, timeout, repos[0]
+                            served_url, model_name, images, clients, requests, profile.warmup, timeout, repo
                         )
                     )
                     row.compare(logits, eager_logits, threshold)
@@ -416,6 +493,7 @@ def bench(
         "images": profile.images,
         "profile": asdict(profile),
         "repositories": [str(r) for r in repos],
+        "eager_reference": eager_row.name,
         "served_models": list(models) if policy else [],
         "compiled_in_process": compile,
         "server_batch_policy": policy,

@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_weight_arguments(p, role="eager reference, as exported: ")
     p.add_argument("--images", type=int, help="override the profile's image count")
     p.add_argument("--concurrency", type=int, nargs="+", help="override the profile's client counts")
+    p.add_argument(
+        "--eager-batch", type=int, nargs="+", help="override the profile's eager batch sizes (the fastest is × 1.00)"
+    )
+    p.add_argument("--serve-each", action="store_true", help="serve every --repo in turn, not only the first")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--no-server", dest="server", action="store_false", help="skip the served measurements")
     p.add_argument(
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         profile = dataclasses.replace(profile, images=args.images)
     if args.concurrency:
         profile = dataclasses.replace(profile, concurrency=tuple(args.concurrency))
+    if args.eager_batch:
+        profile = dataclasses.replace(profile, eager_batches=tuple(args.eager_batch))
     results = bench(
         profile=profile,
         repos=args.repo,
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         timeout=args.timeout,
         compile=args.compile,
+        serve_each=args.serve_each,
         out=args.out,
     )
     print(markdown(results.report))

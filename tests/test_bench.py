@@ -22,19 +22,30 @@ def test_bench_writes_reports_and_every_configuration_matches_eager(
     assert main([*args, "--concurrency", "1", "2", "--url", tiny_server.endpoints.grpc_url, "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     names = [r["name"] for r in report["rows"]]
+    served = f"triton gRPC {tiny_repository.name}"
     assert names == [
-        "eager (upstream-style)",
+        "eager (upstream-style), batch 1",
+        "eager (upstream-style), batch 4",
         f"in-process {tiny_repository.name}",
-        "triton gRPC, 1 clients",
-        "triton gRPC, 2 clients",
+        f"{served}, 1 clients",
+        f"{served}, 2 clients",
     ]
+    assert report["eager_reference"] in names[:2]
     for row in report["rows"]:
         assert row["failed"] == 0 and row["images_per_s"] > 0
         assert row["max_abs_dlogit"] < 1e-4 and row["verdict_agreement"] == 1.0  # the fixture's fp32 tolerance
         assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
-    assert report["rows"][2]["images"] == 16  # the cpu profile's minimum requests per level
+    assert report["rows"][3]["images"] == 16  # the cpu profile's minimum requests per level
+    # the server's own statistics count exactly the timed requests, in every model on their path
+    for row in report["rows"][3:]:
+        profile = row["time_profile"]
+        for model in ("d3qe", "d3qe_pipeline", "preprocess", "vq_encoder", "clip_visual", "d3qe_head"):
+            assert profile[model]["requests"] == 16, (row["name"], model, profile[model])
+        assert "evidence" not in profile  # plain scoring never runs the evidence part
+        assert profile["d3qe_pipeline"]["total_ms"] <= profile["d3qe"]["total_ms"] <= row["p99_ms"]
     assert report["server_batch_policy"]["preprocess"]["max_batch_size"] >= 1
-    assert "| triton gRPC, 2 clients |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert f"| {served}, 2 clients |" in md and "| vq_encoder | 16 |" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
