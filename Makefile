@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv browser test lint demo bench fidelity gpu-carry bench-gpu clean
+.PHONY: venv browser test lint demo bench fidelity gpu-carry bench-gpu gpu-rehearsal clean
 
 venv: $(VENV)/.installed
 
@@ -52,6 +52,13 @@ gpu-carry: venv
 # measures stage by stage into $$OUT (benchmarks/gpu_run.py; `bash benchmarks/gpu_run.sh --smoke` runs it on a CPU).
 bench-gpu:
 	bash benchmarks/gpu_run.sh
+
+# The GPU run rehearsed here, all but CUDA (benchmarks/gpu_rehearsal.sh; needs the network): a venv like the GPU
+# machine's (numpy 2, torch 2.13 CPU; Python 3.12 where there is one, else this machine's, said so), the real
+# carry unpacked offline under /tmp, every stage in its CPU smoke mode from a carry for that Python.
+# Results: build/gpu-rehearsal/out.
+gpu-rehearsal: gpu-carry
+	bash benchmarks/gpu_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

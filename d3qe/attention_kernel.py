@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -39,18 +42,20 @@ class KernelConfig:
 
 
 # Candidate tilings for head dim 64 (FlashAttention-2 style). IEEE/TF32 fp32 tiles take about twice the
-# shared memory of 16-bit ones, so fp32 gets smaller tiles (all of these fit sm_80's 164 KiB; see the
-# AOT tests). The CUDA launcher picks one by `default_config`; the TensorRT plugin offers them all as
-# tactics and lets the builder time them.
+# shared memory and registers of 16-bit ones, so fp32 gets smaller tiles. Every one fits sm_80's 164 KiB of
+# shared memory and none spills registers on sm_90 (ptxas -v, `resource_usage`; both checked by the AOT
+# tests). Measured there (Triton 3.8, sm_90a, head dim 64), the tilings dropped: 16-bit 128×64 on 4 warps
+# (255 registers, 288 B spilled), fp32 64×32 and 64×64 on 4 warps (255 registers, 116-1620 B spilled).
+# The CUDA launcher picks one by `default_config`; the TensorRT plugin offers them all as tactics and lets
+# the builder time them.
 HALF_CONFIGS = (
-    KernelConfig(64, 64, 4, 2),
-    KernelConfig(128, 64, 4, 3),
-    KernelConfig(128, 64, 8, 3),
-    KernelConfig(128, 128, 8, 2),
+    KernelConfig(64, 64, 4, 2),  # 255 registers on sm_90, no spill
+    KernelConfig(128, 64, 8, 3),  # 193-197
+    KernelConfig(128, 128, 8, 2),  # 226-227 (spills on sm_80: a tactic TensorRT times there, never the default)
 )
 FP32_CONFIGS = (
-    KernelConfig(64, 32, 4, 3),
-    KernelConfig(64, 64, 4, 2),
+    KernelConfig(64, 32, 8, 2),  # 127 registers (IEEE) / 160 (TF32) on sm_90
+    KernelConfig(32, 32, 4, 2),  # 148 / 143
 )
 
 
@@ -139,10 +144,18 @@ def padded(dim: int) -> int:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow PyTorch's matmul precision setting ("highest" = IEEE fp32, otherwise TF32)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+    """fp32 dots follow PyTorch's CUDA matmul precision ("tf32", else IEEE fp32); 16-bit dots are "ieee".
+
+    Read through the per-backend API (`torch.backends.cuda.matmul.fp32_precision`), which also reflects the
+    legacy `torch.set_float32_matmul_precision`: the legacy getter raises once the new API has set anything
+    (`serving.runtimes.cuda_fp32` does), so it is never called here. "none" inherits the global setting.
+    """
+    if dtype != torch.float32:
+        return "ieee"
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def constexprs(head_dim: int, bias_dim: int, value_dim: int, precision: str, config: KernelConfig) -> dict:
@@ -162,10 +175,16 @@ def constexprs(head_dim: int, bias_dim: int, value_dim: int, precision: str, con
 
 def default_config(dtype: torch.dtype, programs_at_128: int, num_sms: int) -> KernelConfig:
     """A tiling by rule of thumb (not tuned on a GPU here): 128-row tiles once they fill every SM, 64 below
-    that (small batches)."""
+    that (small batches). At D³AT's 8 heads of 256 tokens on an H100's 132 SMs the switch is at batch 9:
+    both tilings are compiled on first use, so a warm-up covers batches on each side (`switch_batch`)."""
     if dtype == torch.float32:
         return FP32_CONFIGS[0]
     return HALF_CONFIGS[1] if programs_at_128 >= num_sms else HALF_CONFIGS[0]
+
+
+def switch_batch(heads: int, len_q: int, num_sms: int) -> int:
+    """The smallest batch at which `default_config` takes the 128-row tiling for 16-bit inputs."""
+    return triton.cdiv(num_sms, heads * triton.cdiv(len_q, 128))
 
 
 def freq_biased_attention_triton(
@@ -208,11 +227,13 @@ def compile_kernel(
     dims: tuple[int, int, int],
     config: KernelConfig,
     target: GPUTarget | None = None,
+    precision: str | None = None,
 ) -> triton.compiler.CompiledKernel:
     """Compile the kernel ahead of time for contiguous tensors of `dtype`, head dims (D, Db, Dv), on
-    `target` (default: the current GPU). All scalars are int32, as TensorRT passes them."""
+    `target` (default: the current GPU), its dots at `precision` ("ieee" or "tf32"; default
+    `input_precision(dtype)`). All scalars are int32, as TensorRT passes them."""
     pointer, gamma_pointer = f"*{TRITON_DTYPES[dtype]}", f"*{TRITON_DTYPES[gamma_dtype]}"
-    consts = constexprs(*dims, input_precision(dtype), config)
+    consts = constexprs(*dims, precision or input_precision(dtype), config)
     signature = {
         **{f"{name}_ptr": gamma_pointer if name == "gamma" else pointer for name in INPUTS},
         **dict.fromkeys(SCALARS, "i32"),
@@ -243,3 +264,40 @@ def aot_ptx(kernel: triton.compiler.CompiledKernel) -> str:
             raise RuntimeError(f"the compiled kernel reads its trailing parameter {name}, which AOT launches lack")
     kept = ",\n\t".join(params[:own])
     return ptx[: entry.start(1)] + f"\n\t{kept}\n" + ptx[entry.end(1) :]
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What ptxas reports for one compiled kernel: registers per thread, spilled bytes, stack frame."""
+
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+
+
+def resource_usage(kernel: triton.compiler.CompiledKernel) -> ResourceUsage:
+    """Assemble the kernel's PTX again with `ptxas -v` (Triton's own, for its target; no GPU needed) and read
+    its resource report: a spill moves registers to local memory, slow on every GPU."""
+    ptx = kernel.asm["ptx"]
+    arch = re.search(r"^\.target (\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory(prefix="d3qe-ptxas-") as tmp:
+        (Path(tmp) / "kernel.ptx").write_text(ptx)
+        argv = [triton.knobs.nvidia.ptxas.path, "-v", f"-arch={arch}", "kernel.ptx", "-o", "kernel.cubin"]
+        done = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, check=False)
+    report = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed on {kernel.metadata.name}: {report.strip()[-2000:]}")
+
+    def number(pattern: str) -> int:
+        found = re.search(pattern, report)
+        if found is None:
+            raise RuntimeError(f"ptxas -v printed no {pattern!r}: {report.strip()[-2000:]}")
+        return int(found.group(1))
+
+    return ResourceUsage(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack_frame=number(r"(\d+) bytes stack frame"),
+    )

@@ -49,18 +49,29 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Largest max |Δ| allowed per float output, and the smallest share of equal code indices."""
+    """Largest max |Δ| allowed per float output, and the smallest share of equal code indices. An output named in
+    `relative` has its bound as a share of the reference's largest |value| instead: its scale is the weights'
+    (a seeded ViT-L/14's CLIP features reach ~4.9, the tiny fixture's another scale), rounding's is relative."""
 
     max_abs: dict[str, float]
     min_index_agreement: float
+    relative: frozenset[str] = frozenset()
+
+    def bound(self, name: str, ref_max_abs: float) -> float:
+        """The largest max |Δ| `name` may have where the reference's largest |value| is `ref_max_abs`."""
+        return self.max_abs[name] * (ref_max_abs if name in self.relative else 1.0)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As the manifest records it (JSON: `relative` a sorted list)."""
+        return {**asdict(self), "relative": sorted(self.relative)}
 
 
-def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreement: float) -> Tolerance:
+def _reduced(
+    residual: float, clip_feat: float, logit: float, min_index_agreement: float, relative: frozenset[str] = frozenset()
+) -> Tolerance:
     # |Δ sigmoid| <= |Δ logit| / 4, so PROB's bound follows from LOGIT's.
-    return Tolerance({RESIDUAL: residual, CLIP_FEAT: clip_feat, LOGIT: logit, PROB: logit / 4}, min_index_agreement)
+    bounds = {RESIDUAL: residual, CLIP_FEAT: clip_feat, LOGIT: logit, PROB: logit / 4}
+    return Tolerance(bounds, min_index_agreement, relative)
 
 
 # What each row guards: an export bug (a wrong op, a dropped bias, a broken dynamic axis) flips tokens
@@ -75,12 +86,28 @@ def _reduced(residual: float, clip_feat: float, logit: float, min_index_agreemen
 # error measured (docs/export.md lists the measurements).
 # The evidence part (fp32 at every precision) is held to rounding: its outputs are shown, not thresholded
 # (tiny fixture: ERROR_MAP and the frequencies exact, ATTENTION 5.1e-9).
+#
+# bf16, what the GPU run's full-size export is held to (issue 24: its first bounds came from the tiny fixture).
+# - Indices: torch bf16 on the full-size seeded model (`d3qe fidelity`, 554 corpus images, CPU) kept 93.7 % of
+#   codes (per image: p1 84.4 %, worst 67.2 %). On this validation pool it kept 93.8 % (batch 1), 92.7 % (the
+#   first 3) and 89.6 % (all 8: the pool's 8th image, synthetic/edge-8, is the corpus' worst): 0.85 holds with
+#   4.6 points to spare, against about 0.7 of binomial noise over 2,048 tokens. A GPU's bf16 kernels round
+#   differently, not more (fp32 accumulation either way). tests/test_gpu_run.py recomputes this from the
+#   committed fidelity.json and fails if the pool changes.
+# - CLIP_FEAT, relative to the reference's largest |feature| (scale-free): OpenVINO bf16 on the full-size
+#   seeded model moved features by up to 0.066 of 4.88 (1.3 %, 32 corpus images, `d3qe tune`); torch bf16
+#   also rounds the weights and the layer norms, at most about twice that (2.7 %): 0.06 is 2.2x that and
+#   4.5x the measured, while an export bug (a dropped bias, a wrong op) moves features by their own scale.
+#   The absolute 0.1 before it would have refused torch bf16 at anything above 2 % of ViT-L/14's 4.9.
+# - RESIDUAL 0.2 on unflipped tokens: the same fidelity run measured bf16 latent errors up to 0.108 (p99 0.037).
+# - LOGIT 0.2 (the head alone, on the reference's own inputs; end to end every bf16 image has a flipped token,
+#   so the chain's LOGIT is reported, not held): that run's end-to-end |Δlogit| with flips reached 0.17.
 EVIDENCE_TOLERANCE = {ERROR_MAP: 1e-5, ATTENTION: 1e-6, REAL_FREQ: 1e-8, FAKE_FREQ: 1e-8}
 TOLERANCES = {
     "fp32": Tolerance({RESIDUAL: 5e-3, CLIP_FEAT: 1e-4, LOGIT: 1e-2, PROB: 2.5e-3, **EVIDENCE_TOLERANCE}, 0.99),
     "int8": _reduced(5e-3, 0.4, 0.08, 0.99),  # CLIP only: the VQ encoder and the head stay fp32
     "fp16": _reduced(2e-2, 0.015, 0.05, 0.97),
-    "bf16": _reduced(2e-1, 0.1, 0.2, 0.85),
+    "bf16": _reduced(2e-1, 0.06, 0.2, 0.85, relative=frozenset({CLIP_FEAT})),
 }
 
 
@@ -200,8 +227,10 @@ def problems(measured: dict[str, dict], tolerance: Tolerance) -> list[str]:
                 f"{name}: {r['agreement']:.2%} of indices agree ({r['mismatches']} differ), "
                 f"tolerance {tolerance.min_index_agreement:.2%}"
             )
-        elif "max_abs" in r and not r["max_abs"] <= tolerance.max_abs[name]:  # `not <=` also catches NaN
-            found.append(f"{name}: max |Δ| {r['max_abs']:.3g} > tolerance {tolerance.max_abs[name]:.3g}")
+        elif "max_abs" in r and not r["max_abs"] <= (bound := tolerance.bound(name, r["ref_max_abs"])):  # NaN too
+            of = f" ({tolerance.max_abs[name]:g} of the reference's max |value| {r['ref_max_abs']:.3g})"
+            scale = of if name in tolerance.relative else ""
+            found.append(f"{name}: max |Δ| {r['max_abs']:.3g} > tolerance {bound:.3g}{scale}")
     return found
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d3qe_serve.contract import entrances
 from d3qe_serve.errors import MissingProviderError
 from d3qe_serve.serving.manifest import Manifest, PartEntry
 
@@ -23,6 +24,18 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 # OpenVINO's INFERENCE_PRECISION_HINT for each precision an OpenVINO part is built at (export.plan.PRECISIONS),
 # always said: on CPUs with AVX512-BF16 or AMX, OpenVINO computes an fp32 model in bf16 unless told otherwise.
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "int8-bf16": "bf16"}
+
+
+# The tensors the entrances return. They leave the ensemble for its gate, a CPU-only python model that receives
+# them through BLS: a part hands them over in host memory (`handed_on`), or every gate process would create a
+# CUDA context, and hold GPU memory, to read a CUDA tensor. Tensors passed between parts stay on the device.
+GATE_TENSORS = frozenset(name for entrance in entrances().values() for name in entrance.output_names)
+
+
+def handed_on(outputs: dict[str, torch.Tensor], host: frozenset[str] = GATE_TENSORS) -> dict[str, torch.Tensor]:
+    """A part's outputs as a Triton model hands them on: dense (DLPack takes no views; the torch VQ residual is
+    a permuted one), those named in `host` in host memory, the others where they are."""
+    return {name: (t.cpu() if name in host else t).contiguous() for name, t in outputs.items()}
 
 
 @contextlib.contextmanager

@@ -53,12 +53,15 @@ def attention_inputs(
     return (*tensors, torch.tensor([0.3]))
 
 
-def d3at_views(batch: int, length: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """q, k, v as D³AT makes them: head-split, transposed views of one Linear output (strided, not dense)."""
+def d3at_views(
+    batch: int, length: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v as D³AT makes them: head-split, transposed views of one Linear output (strided, not dense), on
+    `device` (the same values on every device)."""
     gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, length, 3 * HEADS * DIM, generator=gen).to(dtype)
+    qkv = torch.randn(batch, length, 3 * HEADS * DIM, generator=gen).to(dtype).to(device)
     q, k, v = (t.reshape(batch, length, HEADS, DIM).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    _, _, _, qb, kb, gamma = attention_inputs(batch, length, dtype=dtype, seed=seed + 1)
+    qb, kb, gamma = (t.to(device) for t in attention_inputs(batch, length, dtype=dtype, seed=seed + 1)[3:])
     return q, k, v, qb, kb, gamma
 
 
@@ -194,6 +197,59 @@ def test_hopper_aot_build(tmp_path):
     ptxas = [triton.knobs.nvidia.ptxas.path, f"-arch={arch}", "kernel.ptx", "-o", "kernel.cubin"]
     done = subprocess.run(ptxas, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+SPILL_CHECKS = [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype", "precision"), SPILL_CHECKS, ids=["fp16", "bf16", "fp32", "tf32"])
+def test_no_tiling_spills_registers_on_sm90(dtype, precision):
+    """Every tiling the launcher or TensorRT may run on an H100, each dtype and fp32 dot precision: ptxas
+    (Triton's own, no GPU needed) reports no spill to local memory and shared memory within the block limit."""
+    for config in attention_kernel.configs_for(dtype):
+        target = GPUTarget("cuda", 90, 32)
+        kernel = attention_kernel.compile_kernel(dtype, torch.float32, (DIM,) * 3, config, target, precision)
+        usage = attention_kernel.resource_usage(kernel)
+        assert usage.spill_stores == usage.spill_loads == 0, (config, usage)
+        assert usage.registers <= 255 and kernel.metadata.shared <= SHARED_MEMORY_LIMIT[90], (config, usage)
+
+
+def test_the_spill_check_sees_a_spilling_tiling():
+    """The tiling dropped for spilling (128×64 on 4 warps, bf16, sm_90) still reads as spilling: the check can
+    fail."""
+    config = attention_kernel.KernelConfig(128, 64, 4, 3)
+    kernel = attention_kernel.compile_kernel(
+        torch.bfloat16, torch.float32, (DIM,) * 3, config, GPUTarget("cuda", 90, 32)
+    )
+    usage = attention_kernel.resource_usage(kernel)
+    assert usage.spill_stores > 0 and usage.spill_loads > 0 and usage.registers == 255
+
+
+def test_fp32_dot_precision_is_read_through_the_api_cuda_fp32_sets():
+    """`serving.runtimes.cuda_fp32(tf32=True)` sets torch's per-backend precision; reading the legacy
+    `torch.get_float32_matmul_precision()` after that raises ("mix of the legacy and new APIs"): the tf32
+    parity row of the GPU run died on it. The kernel reads the API that was set, on any device."""
+    from d3qe_serve.serving.runtimes import cuda_fp32
+
+    with cuda_fp32(tf32=True):
+        assert attention_kernel.input_precision(torch.float32) == "tf32"
+        assert attention_kernel.input_precision(torch.bfloat16) == "ieee"
+    with cuda_fp32():
+        assert attention_kernel.input_precision(torch.float32) == "ieee"
+    assert attention_kernel.input_precision(torch.float32) == "ieee"  # torch's default: "highest"
+
+
+def test_the_tiling_switches_at_batch_9_on_an_h100():
+    """D³AT's 8 heads of 256 tokens on 132 SMs: batches 1-8 run the 64-row tiling, 9 and up the 128-row one, so
+    the CUDA tests and every warm-up run a batch on each side."""
+    switch = attention_kernel.switch_batch(HEADS, 256, 132)
+    assert switch == 9
+
+    def tiling(batch: int) -> attention_kernel.KernelConfig:
+        return attention_kernel.default_config(torch.bfloat16, batch * HEADS * triton.cdiv(256, 128), 132)
+
+    assert tiling(switch - 1) == attention_kernel.HALF_CONFIGS[0] != tiling(switch) == attention_kernel.HALF_CONFIGS[1]
 
 
 # ------------------------------------------------------------------------------ the op's registrations
@@ -340,15 +396,43 @@ needs_cuda = pytest.mark.skipif(
 )
 
 
+CUDA_CASES = [(torch.float32, FP32_TOL), (torch.float16, FP16_TOL), (torch.bfloat16, BF16_TOL)]
+
+
+def cuda_batches() -> list[int]:
+    """4, and a batch past the 128-row tiling's switch on this GPU (9 on an H100), at least 9."""
+    if not torch.cuda.is_available():
+        return [4, 9]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return [4, max(9, attention_kernel.switch_batch(HEADS, 256, sms))]
+
+
 @needs_cuda
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [(torch.float32, FP32_TOL), (torch.float16, FP16_TOL), (torch.bfloat16, BF16_TOL)]
-)
+@pytest.mark.parametrize(("dtype", "tol"), CUDA_CASES)
 @pytest.mark.parametrize("length", [256, 77])
-def test_cuda_op_runs_the_kernel(dtype, tol, length):
-    inputs = attention_inputs(4, length, dtype=dtype)
-    out = freq_biased_attention(*(t.cuda() for t in inputs))
+@pytest.mark.parametrize("batch", cuda_batches())
+def test_cuda_op_runs_the_kernel(dtype, tol, length, batch):
+    inputs = attention_inputs(batch, length, dtype=dtype)
+    on_gpu = [t.cuda() for t in inputs]
+    poison = torch.full((batch, HEADS, length, DIM), float("nan"), dtype=dtype, device="cuda")
+    # Poisoned memory, freed to the caching allocator: the op's output most likely reuses it, so an element the
+    # kernel never wrote reads NaN.
+    del poison
+    out = freq_biased_attention(*on_gpu)
+    assert not out.isnan().any()
     assert max_error(out.cpu(), inputs) <= tol
+
+
+@needs_cuda
+@pytest.mark.parametrize(("dtype", "tol"), CUDA_CASES)
+@pytest.mark.parametrize("batch", cuda_batches())
+def test_cuda_kernel_takes_the_strided_views_the_head_passes(dtype, tol, batch):
+    """q, k, v as D³AT hands them (head-split, transposed views of one Linear output), at both tilings."""
+    views = d3at_views(batch, 256, dtype)
+    q, k, v, qb, kb, gamma = d3at_views(batch, 256, dtype, device="cuda")
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = freq_biased_attention(q, k, v, qb, kb, gamma)
+    assert max_error(out.cpu(), views) <= tol
 
 
 @needs_cuda
