@@ -27,10 +27,12 @@ from tqdm import tqdm
 from d3qe_serve.benchmarks import Results, exported_weights, results_dir, save_figure, weights_record
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL, RGB, AsyncD3QEClient, RetryPolicy
 from d3qe_serve.client.results import DEFAULT_THRESHOLD
-from d3qe_serve.contract import LOGIT
+from d3qe_serve.contract import IMAGE_ENTRANCE, LOGIT
 from d3qe_serve.serving.host import machine, machine_slug, tool_versions
 from d3qe_serve.serving.inprocess import WeightOptions
 from d3qe_serve.serving.manifest import Manifest
+
+MAX_ERRORS = 5  # distinct failure reasons kept per served row
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Row:
     seconds: float
     latencies_ms: list[float] = field(repr=False)
     failed: int = 0
+    errors: list[str] = field(default_factory=list)  # the first distinct reasons of the failed requests
     max_abs_dlogit: float | None = None
     verdict_agreement: float | None = None
     # served: where a request's time went, per model (`time_profile`)
@@ -160,6 +163,8 @@ def timed_batches(
 
         for _ in range(warmup):
             run(decode(chunks[0]))
+        for size in sorted({len(c) for c in chunks} - {len(chunks[0])}):  # a short last batch: its shapes too
+            run(decode(next(c for c in chunks if len(c) == size)))
         logits, latencies = [], []
         start = time.perf_counter()
         ahead = decode(chunks[0])
@@ -172,13 +177,16 @@ def timed_batches(
 
 
 def bench_eager(model, images: list[bytes], profile: Profile, batch: int) -> tuple[Row, np.ndarray]:
+    """Eager fp32 held to IEEE fp32 on a GPU (`cuda_fp32`: torch's default lets cuDNN convolutions run in TF32)."""
     import torch
+
+    from d3qe_serve.serving.runtimes import cuda_fp32
 
     device = torch.device(profile.device)
     model = model.to(device)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), cuda_fp32():
             return model(torch.from_numpy(pixels).to(device)).float().cpu().numpy()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
@@ -220,6 +228,7 @@ async def bench_server_level(
     takes decoded pixels (`d3qe_rgb`) gets each image decoded here, before the clock starts."""
     logits = np.full(len(images), np.nan)
     latencies: list[float] = []
+    errors: dict[str, None] = {}  # distinct, in order
     next_request = iter(range(requests))
     bar = tqdm(total=requests, desc=f"triton gRPC {model} ×{clients}", unit="req", file=sys.stderr)
     async with AsyncD3QEClient(url, model, concurrency=clients, timeout=timeout, retry=RetryPolicy(attempts=3)) as c:
@@ -240,6 +249,8 @@ async def bench_server_level(
                 latencies.append(1000 * (time.perf_counter() - t0))
                 if result.ok:
                     logits[j] = result.logit
+                elif len(errors) < MAX_ERRORS:
+                    errors[str(result.error)] = None
                 bar.update()
 
         before = model_statistics(url)
@@ -252,7 +263,43 @@ async def bench_server_level(
     policy = f"1 image/request ({info.input}), dynamic batching"
     name = f"triton gRPC {repo.name}" + ("" if model == DEFAULT_MODEL else f" {model}") + f", {clients} clients"
     row = Row(name, f"triton + {runtime}", precision, policy, requests, seconds, latencies, time_profile=profile)
+    row.errors = list(errors)
     return row, logits
+
+
+async def warm_every_batch(url: str, max_batch: int, timeout: float) -> None:
+    """One request of each batch size 1..`max_batch` through the encoded-image entrance, one at a time, so that
+    each GPU part has run every batch shape its dynamic batcher may form (on a GPU, a new shape compiles kernels
+    and picks cuDNN plans) before a timed window. Small PNGs: the parts see the model's size whatever the file's,
+    and 2,080 images (max batch 64) decode in seconds."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[:, None, None] * 4, (1, 64, 3))).save(buf, format="PNG")
+    async with AsyncD3QEClient(url, IMAGE_ENTRANCE, concurrency=1, timeout=timeout) as c:
+        await c.wait_until_ready(timeout)
+        for size in tqdm(range(1, max_batch + 1), desc="warm-up, every batch size", unit="batch", file=sys.stderr):
+            await c.score_batch([(f"warm{size}-{i}", buf.getvalue()) for i in range(size)])
+
+
+def admitted(policy: dict, model: str) -> int | None:
+    """Clients a gate serves without refusing any (`server_policy`'s record of it): its queue's size; None where
+    the model has no queue policy. Its nominal capacity is instances × max batch in the ensemble + the queue, but
+    answered clients send again before their instance takes its next batch, and those requests queue beside the
+    others: the tiny export's gates (2 × 4 + 64) refused requests at 72 clients and at 68 ("Exceeds maximum queue
+    size"). With no more clients than the queue holds, nothing is refused."""
+    cfg = policy.get(model)
+    queue = ((cfg or {}).get("dynamic_batching") or {}).get("default_queue_policy", {}).get("max_queue_size")
+    return None if not cfg or queue is None else int(queue)  # protobuf's JSON writes 64-bit integers as strings
+
+
+def concurrency_levels(levels: Sequence[int], limit: int | None) -> tuple[list[int], list[int]]:
+    """The client counts to measure and those left out: above the gate's admission a client's requests are
+    refused and retried, so such a row would measure the admission policy; the limit itself is measured."""
+    if limit is None:
+        return sorted(set(levels)), []
+    over = sorted({c for c in levels if c > limit})
+    return sorted({c for c in levels if c <= limit} | ({limit} if over else set())), over
 
 
 def model_statistics(url: str) -> dict[str, dict[str, int]]:
@@ -282,7 +329,7 @@ def time_profile(before: dict[str, dict[str, int]], after: dict[str, dict[str, i
     """Where a served request's time went between two `model_statistics` snapshots, per model that ran: requests,
     mean batch per execution, and ms per request waiting in its queue, computing (its batch's input, infer and
     output), and in the model in all (a gate's includes the ensemble it calls; an ensemble's, its steps and the
-    hand-offs between them)."""
+    hand-offs between them; an ensemble's compute is the sum of its steps', parallel branches included)."""
     profile = {}
     for name, now in after.items():
         d = {k: v - before.get(name, {}).get(k, 0) for k, v in now.items()}
@@ -318,11 +365,18 @@ def server_policy(url: str, repo: Path) -> dict:
     return policy
 
 
-def write_report(out_dir: Path, report: dict, rows: list[Row], eager_ips: float) -> None:
+def write_report(out_dir: Path, report: dict, rows: list[Row], eager_ips: float, figure: bool = True) -> None:
+    """bench.json and bench.md (atomically: a run killed while writing keeps the previous rows), and the plot."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "bench.md").write_text(markdown(report))
-    plot(out_dir / "bench.png", rows, eager_ips, report["title"])
+    for name, text in (("bench.json", json.dumps(report, indent=1)), ("bench.md", markdown(report))):
+        tmp = out_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / name)
+    if figure:
+        try:
+            plot(out_dir / "bench.png", rows, eager_ips, report["title"])
+        except ImportError as e:  # a matplotlib built for numpy 2 under Triton's numpy 1.26: the rows stand alone
+            print(f"bench.png not drawn: {e}", file=sys.stderr)
 
 
 def markdown(report: dict) -> str:
@@ -435,6 +489,7 @@ def bench(
     timeout: float = 600.0,
     compile: bool = False,
     serve_each: bool = False,
+    in_process: bool = True,
     out: Path | None = None,
 ) -> Results:
     """Eager at each of the profile's batch sizes (the weights `repos[0]` was exported from, `exported_weights`;
@@ -442,7 +497,11 @@ def bench(
     repository served (each of them with `serve_each`; or the server at `url`) for each of `models` at each of
     the profile's client counts, with where a request's time went (`time_profile`); writes bench.json, bench.md
     and bench.png to `out` (default `results_dir`). `timeout`: seconds per request; `compile`: in-process
-    torch-runtime parts through torch.compile."""
+    torch-runtime parts through torch.compile; not `in_process`: the repositories are only served.
+
+    bench.json and bench.md are rewritten after every row (a run stopped part way keeps what it measured), a
+    server started here logs to triton.log beside them, each served model is warmed up at every batch size
+    (`warm_every_batch`) and measured only at client counts its gate admits (`admitted`)."""
     import torch
 
     info = machine(profile.device)
@@ -452,38 +511,6 @@ def bench(
     threshold = DEFAULT_THRESHOLD
 
     reference = exported_weights(weights, repos[0] if repos else None)
-    model = reference.load()
-    rows, eager_logits = [], None
-    for batch in profile.eager_batches:
-        row, logits = bench_eager(model, images, profile, batch)
-        eager_logits = logits if eager_logits is None else eager_logits
-        row.compare(logits, eager_logits, threshold)
-        rows.append(row)
-    eager_row = max(rows, key=lambda r: r.images_per_s)
-    del model
-    if profile.device == "cuda":
-        torch.cuda.empty_cache()
-    for repo in repos:
-        row, logits = bench_parts(repo, images, profile, compile)
-        row.compare(logits, eager_logits, threshold)
-        rows.append(row)
-    policy: dict = {}
-    for repo in (repos if serve_each and url is None else repos[:1]) if server else ():
-        from d3qe_serve.serving.server import served
-
-        with served(url, repo) as (served_url, _):
-            policy = policy or server_policy(served_url, repo)
-            for model_name in models:
-                for clients in profile.concurrency:
-                    requests = max(profile.min_requests, clients)
-                    row, logits = asyncio.run(
-                        bench_server_level(
-                            served_url, model_name, images, clients, requests, profile.warmup, timeout, repo
-                        )
-                    )
-                    row.compare(logits, eager_logits, threshold)
-                    rows.append(row)
-    eager_ips = eager_row.images_per_s
     report = {
         "title": f"d3qe bench on {machine_slug(info)}, {date}",
         "date": date,
@@ -493,11 +520,60 @@ def bench(
         "images": profile.images,
         "profile": asdict(profile),
         "repositories": [str(r) for r in repos],
-        "eager_reference": eager_row.name,
-        "served_models": list(models) if policy else [],
+        "eager_reference": None,
+        "served_models": [],
         "compiled_in_process": compile,
-        "server_batch_policy": policy,
-        "rows": [r.summary(eager_ips) for r in rows],
+        "server_batch_policy": {},
+        "admission": {},
+        "rows": [],
     }
+    rows: list[Row] = []
+
+    def record(row: Row, logits: np.ndarray) -> None:
+        """The row, compared with eager, in the report and on disk at once (no plot until the end)."""
+        row.compare(logits, eager_logits, threshold)
+        rows.append(row)
+        eager_row = max((r for r in rows if r.runtime == "pytorch eager"), key=lambda r: r.images_per_s)
+        report["eager_reference"] = eager_row.name
+        report["rows"] = [r.summary(eager_row.images_per_s) for r in rows]
+        write_report(out_dir, report, rows, eager_row.images_per_s, figure=False)
+
+    model = reference.load()
+    eager_logits = None
+    for batch in profile.eager_batches:
+        row, logits = bench_eager(model, images, profile, batch)
+        eager_logits = logits if eager_logits is None else eager_logits
+        record(row, logits)
+    del model
+    if profile.device == "cuda":
+        torch.cuda.empty_cache()
+    for repo in repos if in_process else ():
+        record(*bench_parts(repo, images, profile, compile))
+    policy: dict = {}
+    for repo in (repos if serve_each and url is None else repos[:1]) if server else ():
+        from d3qe_serve.serving.server import served
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with (
+            (out_dir / "triton.log").open("a") as log,
+            served(url, repo, log=None if url else log) as (served_url, _),
+        ):
+            policy = policy or server_policy(served_url, repo)
+            report |= {"server_batch_policy": policy, "served_models": list(models)}
+            gate_batch = int(policy.get(IMAGE_ENTRANCE, {}).get("max_batch_size", 1))
+            asyncio.run(warm_every_batch(served_url, gate_batch, timeout))
+            for model_name in models:
+                levels, over = concurrency_levels(profile.concurrency, admitted(policy, model_name))
+                report["admission"][model_name] = {"admitted": admitted(policy, model_name), "left_out": over}
+                for clients in levels:
+                    requests = max(profile.min_requests, clients)
+                    record(
+                        *asyncio.run(
+                            bench_server_level(
+                                served_url, model_name, images, clients, requests, profile.warmup, timeout, repo
+                            )
+                        )
+                    )
+    eager_ips = max((r for r in rows if r.runtime == "pytorch eager"), key=lambda r: r.images_per_s).images_per_s
     write_report(out_dir, report, rows, eager_ips)
     return Results.written(report, out_dir, "bench.json", "bench.md", "bench.png")
