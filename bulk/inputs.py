@@ -4,11 +4,13 @@ and each source read into the item a scorer takes.
 A folder is searched recursively for images, as `d3qe score` searches it; a Parquet or CSV table gives
 a column of paths or URIs; any other file is a list of one path or URI per line. Relative paths are
 relative to a base folder (the one the command runs in); URIs are read through pyarrow's filesystems
-(file://, s3://, gs://, ...).
+(file://, s3://, gs://, ...). Identical files are found by the sha256 of their bytes (`content_hashes`,
+`unique_contents`): the pipeline scores each content once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -72,6 +74,45 @@ def pending(batch: pa.Table, done: pa.Array, list_file: bool) -> pa.Table:
         sources = pc.utf8_trim_whitespace(sources)
         sources = sources.filter(pc.not_equal(sources, ""))
     return pa.table({"source": sources.filter(pc.invert(pc.is_in(sources, value_set=done)))})
+
+
+def content_hash(source: str | None, base: Path) -> str | None:
+    """The sha256 of the source's bytes (as `read_item` reads them); None where they cannot be read."""
+    item = read_item(source, base)
+    if isinstance(item, ScoreResult):
+        return None
+    data = item[1]
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    try:
+        with open(data, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def content_hashes(batch: pa.Table, base: str) -> pa.Table:
+    """The batch's sources with a column `sha256`, each source's content hash (null where it cannot be read)."""
+    sources = batch.column("source").to_pylist()
+    hashes = pa.array([content_hash(s, Path(base)) for s in sources], type=pa.string())
+    return pa.table({"source": batch.column("source"), "sha256": hashes})
+
+
+def unique_contents(table: pa.Table) -> pa.Table:
+    """One row per distinct content of `table` (columns source, sha256): its first source, and `duplicates`, the
+    other sources holding the same bytes; a source whose bytes could not be read is a content of its own."""
+    unreadable = table.filter(pc.is_null(table.column("sha256")))
+    groups = table.filter(pc.is_valid(table.column("sha256"))).group_by("sha256", use_threads=False)
+    grouped = groups.aggregate([("source", "list")])
+    lists = grouped.column("source_list").to_pylist()
+    return pa.table(
+        {
+            "source": pa.array([s[0] for s in lists] + unreadable.column("source").to_pylist(), type=pa.string()),
+            "duplicates": pa.array(
+                [s[1:] for s in lists] + [[] for _ in range(unreadable.num_rows)], type=pa.list_(pa.string())
+            ),
+        }
+    )
 
 
 def read_item(source: str | None, base: Path) -> Item | ScoreResult:

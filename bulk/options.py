@@ -7,7 +7,6 @@ from pathlib import Path
 
 from d3qe_serve.bulk.targets import Exported, Served, Target
 from d3qe_serve.client.grpc_client import DEFAULT_MODEL
-from d3qe_serve.client.results import DEFAULT_THRESHOLD
 from d3qe_serve.errors import BulkError
 
 
@@ -34,7 +33,7 @@ class BulkOptions:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     batch_size: int = 8
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None  # None: the served threshold, or the export's operating point
     column: str | None = None
     retry_errors: bool = False
     ready_timeout: float = 30.0

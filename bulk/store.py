@@ -42,7 +42,8 @@ PARTIAL = ".tmp"  # the suffix of a file being written: not a .parquet file, so 
 
 
 def output_schema() -> pa.Schema:
-    """The store's columns: `client.results.ScoreResult`'s fields, then the export that scored the row."""
+    """The store's columns: `client.results.ScoreResult`'s fields, with what produced the row: the export that
+    scored it and the threshold of its verdict."""
     return pa.schema(
         [
             ("source", pa.string()),
@@ -51,6 +52,7 @@ def output_schema() -> pa.Schema:
             ("verdict", pa.string()),
             ("error", pa.string()),
             ("manifest_id", pa.string()),  # serving.manifest.Manifest.id; null from a server that does not say
+            ("threshold", pa.float64()),  # P(generated) above it: "generated"; null for a failed row
         ]
     )
 
@@ -105,7 +107,8 @@ class ScoreStore(Datasink[WrittenFile]):
                 schema = pq.read_schema(path, filesystem=self.fs).remove_metadata()
                 if not schema.equals(output_schema()):
                     raise BulkError(
-                        f"{path}: not a d3qe bulk output file (columns {schema.names}); move it out of {self.out}"
+                        f"{path}: not a d3qe bulk output file of this version (columns {schema.names}, expected "
+                        f"{output_schema().names}); move it out of {self.out}"
                     )
                 table = pq.read_table(path, filesystem=self.fs)
             except (OSError, pa.ArrowException) as e:

@@ -26,8 +26,9 @@ class Target(Protocol):
         raises BulkError when the target cannot be used."""
         ...
 
-    def scorer(self, threshold: float, batch_size: int) -> Scorer:
-        """A scorer of (source, image) items, opened in the actor that calls it."""
+    def scorer(self, threshold: float | None, batch_size: int) -> Scorer:
+        """A scorer of (source, image) items, opened in the actor that calls it; `threshold` None: the one the
+        target serves (the server's, or the export's operating point)."""
         ...
 
 
@@ -52,10 +53,12 @@ class Exported:
             raise BulkError(str(e)) from e
         return manifest.id
 
-    def scorer(self, threshold: float, batch_size: int) -> Scorer:
+    def scorer(self, threshold: float | None, batch_size: int) -> Scorer:
         from d3qe_serve.serving.inprocess import load_exported, score_exported
+        from d3qe_serve.serving.operating_point import OperatingPoint
 
         runners = load_exported(Path(self.repo), self.device, self.threads)
+        threshold = OperatingPoint.read(Path(self.repo)).threshold if threshold is None else threshold
         return lambda items: score_exported(runners, items, threshold=threshold, batch_size=batch_size)
 
 
@@ -86,7 +89,7 @@ class Served:
         except ValueError:  # not one of our gates (an ensemble, another server's model): it does not say
             return None
 
-    def scorer(self, threshold: float, batch_size: int) -> Scorer:
+    def scorer(self, threshold: float | None, batch_size: int) -> Scorer:
         client = D3QEClient(
             self.url, self.model, batch_size=batch_size, concurrency=REQUESTS_IN_FLIGHT, threshold=threshold
         )

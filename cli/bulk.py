@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch-size", type=int, default=DEFAULTS.batch_size, help="images per actor call and per forward pass/request"
     )
-    p.add_argument("--threshold", type=float, default=DEFAULTS.threshold, help="P(generated) for the verdict")
+    p.add_argument(
+        "--threshold", type=float, help="P(generated) for the verdict (default: the served one, or the export's)"
+    )
     p.add_argument("--column", help="a table's column of paths or URIs (default: its only one, or 'source')")
     p.add_argument("--retry-errors", action="store_true", help="score again the sources whose row in OUT is an error")
     p.add_argument(
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"d3qe bulk: {report.scored} images scored ({report.failed} failed: their rows hold the error) in "
         f"{report.seconds:.1f} s, {report.images_per_s:.2f} images/s on {report.actors} actors; {report.skipped} "
-        f"sources already in the output skipped; export {report.manifest_id}"
+        f"sources already in the output skipped; {report.duplicates} duplicates (identical bytes: scored once, a row "
+        f"each); export {report.manifest_id}"
     )
     return 1 if report.failed else 0

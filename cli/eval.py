@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     with open_scorer(args) as score:
         for perturbation in perturbations:
+            # no --threshold: the one the verdicts used (the served or exported operating point)
             setting = evaluate(score, dataset, perturbation, args.threshold, args.progress)
             settings[setting.name] = setting.rows
             print(

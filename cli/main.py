@@ -36,9 +36,16 @@ COMMANDS = {
     "eval": Command(
         "eval", "the paper's evaluation (Acc, AP per generator) of a labelled folder, robustness sweeps", "eval"
     ),
+    "calibrate": Command(
+        "calibrate", "the threshold picked on a labelled folder (target FPR, best accuracy), kept by an export", "eval"
+    ),
     "export": Command("export", "export the model to validated ONNX Runtime / TensorRT / torch artifacts", "export"),
     "tune": Command("tune", "each part's runtime and precision chosen by measurement within fidelity bounds", "export"),
     "serve": Command("serve", "run the Triton server on an exported model repository (foreground, loopback)", "serve"),
+    "rollout": Command(
+        "rollout", "put another export live on a running server, or roll back; print what is live", "serve"
+    ),
+    "health": Command("health", "probe: the local Triton server ready (or live), every part's process alive"),
     "bulk": Command(
         "bulk", "score a folder, list or table of images on Ray Data into a resumable Parquet dataset", "bulk"
     ),
@@ -53,7 +60,16 @@ COMMANDS = {
     "bench-parts": Command("bench_parts", MAINTAINERS + "each exported part's speed and error against eager", "export"),
     "bench-video": Command("bench_video", MAINTAINERS + "video scoring: frames/s and the timeline", "export"),
     "bench-reward": Command("bench_reward", MAINTAINERS + "the reward client's scores/s against a server", "export"),
+    "bench-rollout": Command(
+        "bench_rollout", MAINTAINERS + "rollout and rollback under load; the response cache's speed-up", "export"
+    ),
     "bench-bulk": Command("bench_bulk", MAINTAINERS + "d3qe bulk on Ray Data: images/s and resumption", "bulk"),
+    "bench-heal": Command(
+        "bench_heal", MAINTAINERS + "a part's process killed under load: noticed, healed, no request lost", "export"
+    ),
+    "bench-calibrate": Command(
+        "bench_calibrate", MAINTAINERS + "d3qe calibrate's threshold: held-out false-positive rate vs target", "export"
+    ),
     "gpu-carry": Command(
         "gpu_carry", MAINTAINERS + "build or unpack what the GPU machine lacks (build/gpu-carry)", "export"
     ),

@@ -74,8 +74,18 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", type=Path, help="exported: the repository `d3qe export` wrote (default: its --out)")
     p.add_argument("--device", default="cpu", help="exported: cpu, or cuda[:N] (ONNX Runtime CUDA provider, TensorRT)")
     p.add_argument("--threads", type=int, help="exported: intra-op threads (default: the runtime's own)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="P(generated) for the verdict")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="P(generated) above which the verdict is generated (default: the server's, which each answer carries; "
+        f"exported: the export's operating point; eager: {DEFAULT_THRESHOLD})",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass or per request")
+
+
+def local_threshold(args: argparse.Namespace) -> float:
+    """The verdict's threshold where no server says one: --threshold, else upstream's."""
+    return DEFAULT_THRESHOLD if args.threshold is None else args.threshold
 
 
 @contextlib.contextmanager
@@ -85,17 +95,20 @@ def open_scorer(args: argparse.Namespace, model: str | None = None) -> Iterator[
     if args.runtime == "eager":
         from d3qe_serve.serving.inprocess import open_eager
 
-        yield open_eager(weight_options(args), threshold=args.threshold, batch_size=args.batch_size)
+        yield open_eager(weight_options(args), threshold=local_threshold(args), batch_size=args.batch_size)
         return
     if args.runtime == "exported":
         from d3qe_serve.serving.inprocess import open_exported
+        from d3qe_serve.serving.operating_point import OperatingPoint
         from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
+        repo = args.repo or DEFAULT_REPOSITORY
         yield open_exported(
-            args.repo or DEFAULT_REPOSITORY,
+            repo,
             device=args.device,
             threads=args.threads,
-            threshold=args.threshold,
+            # the export's operating point (`d3qe calibrate --write`), as a server of it would use
+            threshold=OperatingPoint.read(repo).threshold if args.threshold is None else args.threshold,
             batch_size=args.batch_size,
         )
         return

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from d3qe_serve.cli.options import add_runtime_arguments, open_scorer
+from d3qe_serve.cli.options import add_runtime_arguments, local_threshold, open_scorer
 from d3qe_serve.client.results import ScoreResult
 from d3qe_serve.client.score import expand_paths, partition, score_videos
 from d3qe_serve.client.video import DEFAULT_FPS, VIDEO_SUFFIXES, VideoResult
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 score,
                 fps=args.fps,
                 every_frame=args.every_frame,
-                threshold=args.threshold,
+                threshold=local_threshold(args),  # a video's verdict: --threshold, else upstream's
                 plot_dir=args.plot,
             ):
                 write_video(result, args.fmt)

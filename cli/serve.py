@@ -9,8 +9,10 @@ from pathlib import Path
 
 from d3qe_serve.errors import ServerError
 from d3qe_serve.serving.endpoints import LOOPBACK, Endpoints
+from d3qe_serve.serving.rollout import read_key
 from d3qe_serve.serving.server import DEFAULT_MAX_REQUEST_BYTES, STARTUP_TIMEOUT_S, TritonServer
 from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
+from d3qe_serve.serving.supervisor import Supervisor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +37,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="let clients register system shared memory (`d3qe score --shared-memory`); only with trusted local "
         "clients: tritonserver 2.51 lets them map any /dev/shm region, the python backend's own included",
     )
+    p.add_argument(
+        "--model-control-key-file",
+        type=Path,
+        metavar="FILE",
+        help="turn model control on (`d3qe rollout`) for callers holding the key in FILE (one word, mode 600); "
+        "off by default. The key is checked by the gRPC front and never goes on a command line",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=0,
+        help="Triton's response cache on the entrances, this many MiB (0: none): a request equal to one answered "
+        "before is answered from it; hits and misses in the metrics (nv_cache_num_hits_per_model)",
+    )
+    p.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="do not watch the parts' processes: a dead one is then neither noticed nor healed (docs/reliability.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,11 +69,17 @@ def run(args: argparse.Namespace) -> int:
         binary=args.tritonserver,
         shared_memory=args.shared_memory,
         max_request_bytes=round(args.max_request_mb * 2**20) or None,
+        admin_key=read_key(args.model_control_key_file) if args.model_control_key_file else None,
+        cache_bytes=round(args.cache_mb * 2**20) or None,
     )
     received: list[int] = []
 
+    supervisor = None if args.no_supervise else Supervisor(server)
+
     def forward(signum, _frame) -> None:
         received.append(signum)
+        if supervisor is not None:
+            supervisor.request_stop()
         server.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -69,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
             f"d3qe serve: Triton {server.version()} ready (pid {server.pid}), models {', '.join(server.models)}\n"
             f"  repository  {server.model_repository}\n  gRPC        {endpoints.grpc_url}\n"
             f"  HTTP        {endpoints.http_url} (loopback only)\n  metrics     {endpoints.metrics_url}\n"
+            f"  model control {'on, for holders of the key' if args.model_control_key_file else 'off'}; response "
+            f"cache {f'{args.cache_mb:g} MiB' if args.cache_mb else 'off'}\n"
+            f"  supervision {'off' if supervisor is None else 'on: a dead part restarts the server'}\n"
             "Ctrl-C stops it.",
             flush=True,
         )
+        if supervisor is not None and not supervisor.run():
+            return 1  # a crash loop: the supervisor has said why and stopped the server
         rc = server.wait()
         if rc != 0:
             print(f"d3qe serve: tritonserver exited with code {rc}:\n{server.reason()}", file=sys.stderr)

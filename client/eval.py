@@ -2,7 +2,8 @@
 
 Dataset layout, as upstream's test loader reads it: `DIR/<generator>/0_real|1_fake/*`, or
 `DIR/<generator>/<class>/0_real|1_fake/*`, or a single `DIR/0_real|1_fake/*`. Metrics as upstream's
-`validate`: P = sigmoid(logit), predicted fake when P > threshold (0.5), AP is scikit-learn's
+`validate`: P = sigmoid(logit), predicted fake when P > threshold (the one the verdicts used: the served or
+exported operating point, `d3qe calibrate`; else upstream's 0.5), AP is scikit-learn's
 `average_precision_score(y_true, P)`; the mean row averages over generators.
 
 Robustness sweeps as upstream's `eval.py`, applied to the decoded RGB image before the standard transform:
@@ -19,14 +20,14 @@ import io
 import math
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from d3qe_serve.client.results import Item, Scorer, ScoreResult
+from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, Scorer, ScoreResult
 from d3qe_serve.errors import InputError, MissingDependencyError, NotFoundError
 
 CLASSES = {"0_real": 0, "1_fake": 1}
@@ -189,6 +190,7 @@ class Setting:
     name: str
     rows: list[Metrics]
     scored: dict[str, list[Scored]]  # generator → its images, in the dataset's order
+    threshold: float = DEFAULT_THRESHOLD  # what the accuracies are measured at
 
     @property
     def failures(self) -> list[ScoreResult]:
@@ -197,32 +199,55 @@ class Setting:
     def as_dict(self) -> dict:
         """The metrics (with the mean row; NaN as null) and every image's result with its label."""
         return {
+            "threshold": self.threshold,
             "metrics": [_json_metrics(r) for r in [*self.rows, mean_row(self.rows)]],
             "images": {g: [dict(s.result.as_dict(), label=s.label) for s in v] for g, v in self.scored.items()},
         }
+
+
+def score_dataset(
+    score: Scorer, dataset: dict[str, list[Sample]], perturbation: Perturbation | None = None, progress: bool = True
+) -> dict[str, list[Scored]]:
+    """Every image scored (perturbed first, if asked), with its label: generator → its images, in order."""
+    scored = {}
+    for gen, samples in dataset.items():
+        desc = f"{perturbation.name if perturbation else 'clean'} {gen}"
+        with tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
+            results = _score_samples(score, samples, perturbation, bar)
+        scored[gen] = [Scored(r, label) for r, (_, label) in zip(results, samples, strict=True)]
+    return scored
+
+
+def verdict_threshold(results: Iterable[ScoreResult], threshold: float | None = None) -> float:
+    """The threshold the metrics use: `threshold` when given, else the one the results' verdicts used (the
+    served or exported operating point: `ScoreResult.threshold`, where the scorer records it), else 0.5."""
+    if threshold is not None:
+        return threshold
+    used = {t for r in results if r.ok and (t := getattr(r, "threshold", None)) is not None}
+    if len(used) > 1:
+        raise InputError(f"the results' verdicts used different thresholds {sorted(used)}: pass --threshold")
+    return used.pop() if used else DEFAULT_THRESHOLD
 
 
 def evaluate(
     score: Scorer,
     dataset: dict[str, list[Sample]],
     perturbation: Perturbation | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     progress: bool = True,
 ) -> Setting:
-    """Score every image (perturbed first, if asked) and compute each generator's metrics."""
+    """Score every image (perturbed first, if asked) and compute each generator's metrics at `threshold`
+    (default: `verdict_threshold` of the results)."""
     require_metrics()
-    rows, scored = [], {}
-    for gen, samples in dataset.items():
-        desc = f"{perturbation.name if perturbation else 'clean'} {gen}"
-        with tqdm(total=len(samples), desc=desc, unit="img", file=sys.stderr, disable=not progress) as bar:
-            results = _score_samples(score, samples, perturbation, bar)
-        pairs = [Scored(r, label) for r, (_, label) in zip(results, samples, strict=True)]
+    scored = score_dataset(score, dataset, perturbation, progress)
+    threshold = verdict_threshold((s.result for pairs in scored.values() for s in pairs), threshold)
+    rows = []
+    for gen, pairs in scored.items():
         ok = [s for s in pairs if s.result.ok]
         labels = np.array([s.label for s in ok], dtype=np.int64)
         probs = np.array([s.result.probability for s in ok], dtype=np.float64)
         rows.append(compute_metrics(gen, labels, probs, len(pairs) - len(ok), threshold))
-        scored[gen] = pairs
-    return Setting(perturbation.name if perturbation else "clean", rows, scored)
+    return Setting(perturbation.name if perturbation else "clean", rows, scored, threshold)
 
 
 def _score_samples(

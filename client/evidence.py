@@ -14,7 +14,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from d3qe_serve.client.results import DEFAULT_THRESHOLD, ScoreResult
+from d3qe_serve.client.results import ScoreResult, provenance
 from d3qe_serve.contract import (
     ATTENTION,
     ERROR_MAP,
@@ -22,8 +22,11 @@ from d3qe_serve.contract import (
     FAKE_FREQ,
     INDICES,
     LOGIT,
+    MANIFEST_ID,
     PROB,
+    PROVENANCE,
     REAL_FREQ,
+    THRESHOLD,
     entrance,
 )
 from d3qe_serve.errors import EvidenceError
@@ -79,24 +82,32 @@ def fetch_evidence(
     source: str,
     image: bytes,
     model: str = EVIDENCE_ENTRANCE,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
 ) -> Evidence:
-    """One encoded image through `model`; raises EvidenceError with the server's reason when it fails."""
+    """One encoded image through `model`; raises EvidenceError with the server's reason when it fails.
+    `threshold`: the verdict's (None: the one the server answers with)."""
     signature = entrance(EVIDENCE_ENTRANCE)
     spec = signature.input
     tensor = grpcclient.InferInput(spec.name, [1, *spec.dims], spec.triton_dtype)
     tensor.set_data_from_numpy(np.array([[image]], dtype=spec.dtype))
-    outputs = [grpcclient.InferRequestedOutput(n) for n in signature.output_names]
+    names = [n for n in signature.output_names if n not in PROVENANCE]  # all answered anyway where served
     try:
-        answer = grpc.infer(model, [tensor], outputs=outputs)
+        answer = grpc.infer(model, [tensor])
     except InferenceServerException as e:
         raise EvidenceError(f"{source}: {e.message()}") from e
-    out = {n: answer.as_numpy(n) for n in signature.output_names}
+    out = {n: answer.as_numpy(n) for n in names}
     missing = [n for n, v in out.items() if v is None]
     if missing:
         raise EvidenceError(f"{source}: model {model!r} returned no {', '.join(missing)}")
+    (manifest_id,), (served,) = provenance(answer.as_numpy(MANIFEST_ID), answer.as_numpy(THRESHOLD), 1)
     return Evidence(
-        ScoreResult.from_scores(source, float(out[LOGIT].item()), float(out[PROB].item()), threshold),
+        ScoreResult.from_scores(
+            source,
+            float(out[LOGIT].item()),
+            float(out[PROB].item()),
+            served if threshold is None else threshold,
+            manifest_id,
+        ),
         error_map=out[ERROR_MAP][0],
         attention=out[ATTENTION][0],
         indices=out[INDICES][0],

@@ -4,10 +4,11 @@ They talk to either entrance that takes images: `d3qe` (IMAGE, encoded files: by
 `d3qe_rgb` (RGB, decoded uint8 pixels [H, W, 3], sent as they are: nothing is re-encoded). Both batch
 images into requests (an RGB request holds images of one size), keep a bounded number of requests in
 flight, give each request a timeout, retry UNAVAILABLE with capped exponential backoff, and return one
-`ScoreResult` per image in input order. A request that fails for any other reason is split in halves
-until the failing image is alone, so one bad image fails only itself. The retry/split policy is written
-once, as a generator of steps (`_score_batch`) that the sync and the async client each drive with their
-own I/O.
+`ScoreResult` per image in input order, with what produced it: the manifest id and threshold the server's
+gate answers with (the verdict uses that threshold unless the caller gives one). A request that fails for
+any other reason is split in halves until the failing image is alone, so one bad image fails only
+itself. The retry/split policy is written once, as a generator of steps (`_score_batch`) that the sync
+and the async client each drive with their own I/O.
 
 The per-request timeout is the client's alone: past it the client stops waiting and reports the images
 as timed out, but does not cancel the call. A cancelled gRPC call can crash Triton before 24.12 (a race
@@ -37,8 +38,20 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor, serialized_byte_size
 
 from d3qe_serve.client.evidence import Evidence, EvidenceError, fetch_evidence
-from d3qe_serve.client.results import DEFAULT_THRESHOLD, Item, ScoreResult
-from d3qe_serve.contract import EVIDENCE_ENTRANCE, IMAGE, IMAGE_ENTRANCE, LOGIT, PROB, RGB, RGB_ENTRANCE, entrance
+from d3qe_serve.client.results import Item, ScoreResult, provenance
+from d3qe_serve.contract import (
+    EVIDENCE_ENTRANCE,
+    IMAGE,
+    IMAGE_ENTRANCE,
+    LOGIT,
+    MANIFEST_ID,
+    PROB,
+    PROVENANCE,
+    RGB,
+    RGB_ENTRANCE,
+    THRESHOLD,
+    entrance,
+)
 from d3qe_serve.errors import ModelMismatchError, ServerNotReadyError
 
 DEFAULT_URL = "localhost:8001"
@@ -46,7 +59,8 @@ DEFAULT_MODEL = IMAGE_ENTRANCE  # encoded image files; RGB_ENTRANCE takes decode
 # What this client sends and reads, as the contract's two image entrances declare it: the image input by
 # name (IMAGE: BYTES, RGB: UINT8), and the scores.
 INPUTS = {e.input.name: e.input for e in map(entrance, (IMAGE_ENTRANCE, RGB_ENTRANCE))}
-OUTPUTS = entrance(IMAGE_ENTRANCE).outputs  # LOGIT, PROB
+# LOGIT, PROB; and what produced them, which a server of before issue 23 does not answer (then None)
+OUTPUTS = tuple(t for t in entrance(IMAGE_ENTRANCE).outputs if t.name not in PROVENANCE)
 
 RETRY_STATUS = "StatusCode.UNAVAILABLE"  # server down or restarting: the same request may succeed later
 # Failures of the whole request, not of one image in it: splitting the batch cannot isolate anything.
@@ -117,9 +131,10 @@ def _read_item(item: Item, image_input: str) -> tuple[str, Payload] | ScoreResul
 
 
 def _score_batch(
-    items: list[Item], retry: RetryPolicy, timeout: float, threshold: float, image_input: str = IMAGE
+    items: list[Item], retry: RetryPolicy, timeout: float, threshold: float | None, image_input: str = IMAGE
 ) -> Generator[_Step, _Outcome, list[ScoreResult]]:
-    """One batch's policy: read files, send, retry UNAVAILABLE, split on per-image errors. Results in input order."""
+    """One batch's policy: read files, send, retry UNAVAILABLE, split on per-image errors. Results in input order.
+    `threshold`: the verdicts' (None: the one the server answers with, upstream's 0.5 where it does not say)."""
     results: list[ScoreResult | None] = []
     pending: list[list[tuple[int, str, Payload]]] = [[]]
     for i, item in enumerate(items):
@@ -135,9 +150,10 @@ def _score_batch(
         while True:
             outcome = yield _Infer([(s, b) for _, s, b in batch])
             if not isinstance(outcome, InferenceServerException):
-                logits, probs = _outputs(outcome, len(batch))
-                for (i, source, _), logit, prob in zip(batch, logits, probs, strict=True):
-                    results[i] = ScoreResult.from_scores(source, float(logit), float(prob), threshold)
+                answered = zip(batch, *_outputs(outcome, len(batch)), strict=True)
+                for (i, source, _), logit, prob, manifest_id, served in answered:
+                    chosen = threshold if threshold is not None else served
+                    results[i] = ScoreResult.from_scores(source, float(logit), float(prob), chosen, manifest_id)
                 break
             status = outcome.status() or ""  # none when the client itself refused the request
             if status == RETRY_STATUS:
@@ -161,11 +177,15 @@ def _score_batch(
     return results
 
 
-def _outputs(result: grpcclient.InferResult, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _outputs(result: grpcclient.InferResult, n: int) -> tuple[np.ndarray, np.ndarray, list, list[float]]:
+    """The `n` items' LOGIT, PROB, manifest id (None where the server does not say) and threshold (upstream's
+    where it does not say)."""
     logits, probs = result.as_numpy(LOGIT), result.as_numpy(PROB)
     if logits is None or probs is None or logits.size != n or probs.size != n:
         raise ModelMismatchError(f"expected {LOGIT} and {PROB} with {n} values each in the response")
-    return logits.reshape(n), probs.reshape(n)
+    ids, thresholds = provenance(result.as_numpy(MANIFEST_ID), result.as_numpy(THRESHOLD), n)
+    return logits.reshape(n), probs.reshape(n), ids, thresholds
+
 
 
 def _check_metadata(metadata: dict, config: dict) -> ModelInfo:
@@ -250,7 +270,7 @@ class _ClientBase:
         concurrency: int = 4,
         timeout: float = 120.0,
         retry: RetryPolicy | None = None,
-        threshold: float = DEFAULT_THRESHOLD,
+        threshold: float | None = None,
         shared_memory: bool = False,
         drain_timeout: float = 600.0,
     ) -> None:

@@ -7,7 +7,8 @@ writer (`serving.repository`) builds every Triton config from them, and the clie
 A tensor is a `TensorSpec` (name, numpy dtype name, shape with -1 where a dimension is dynamic; axis 0
 is the batch axis). Names and dtypes are fixed; the shapes that follow the architecture's sizes (`Sizes`)
 are built for given sizes (`tensors`, `parts`, `entrances`). An entrance is the admission gate clients
-call: one input, the scores (with the reviewer's evidence for `d3qe_evidence`) as outputs.
+call: one input, the scores (with the reviewer's evidence for `d3qe_evidence`) as outputs, and what produced
+them (`PROVENANCE`: the export's manifest id and the verdict's threshold), which the gate adds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ ERROR_MAP = "ERROR_MAP"  # |z_q − z| per token
 ATTENTION = "ATTENTION"  # the D³AT attention each token receives
 REAL_FREQ = "REAL_FREQ"  # each token's code's share of the real training tokens
 FAKE_FREQ = "FAKE_FREQ"  # and of the fake ones
+# What produced an answer: every entrance adds them to its ensemble's outputs, one row per item.
+MANIFEST_ID = "MANIFEST_ID"  # the id of the export that scored the item (`serving.manifest.Manifest.id`)
+THRESHOLD = "THRESHOLD"  # the P(generated) threshold its verdict uses (the export's operating point)
+PROVENANCE = (MANIFEST_ID, THRESHOLD)
 
 # The parts, each a served model, in the order the ensembles run them; the evidence part runs only for reviewers.
 VQ_ENCODER, CLIP_VISUAL, D3QE_HEAD = "vq_encoder", "clip_visual", "d3qe_head"
@@ -51,11 +56,11 @@ _PARTS = {  # part: (inputs, outputs)
     D3QE_HEAD: ((RESIDUAL, INDICES, CLIP_FEAT), SCORES),
     EVIDENCE: ((RESIDUAL, INDICES), (ERROR_MAP, ATTENTION, REAL_FREQ, FAKE_FREQ)),
 }
-_ENTRANCES = {  # entrance: (input, outputs)
-    IMAGE_ENTRANCE: (IMAGE, SCORES),
-    RGB_ENTRANCE: (RGB, SCORES),
-    TENSOR_ENTRANCE: (PIXELS, SCORES),
-    EVIDENCE_ENTRANCE: (IMAGE, (*SCORES, INDICES, *_PARTS[EVIDENCE][1])),
+_ENTRANCES = {  # entrance: (input, outputs): what its ensemble computes, then the provenance its gate adds
+    IMAGE_ENTRANCE: (IMAGE, (*SCORES, *PROVENANCE)),
+    RGB_ENTRANCE: (RGB, (*SCORES, *PROVENANCE)),
+    TENSOR_ENTRANCE: (PIXELS, (*SCORES, *PROVENANCE)),
+    EVIDENCE_ENTRANCE: (IMAGE, (*SCORES, INDICES, *_PARTS[EVIDENCE][1], *PROVENANCE)),
 }
 
 # numpy's dtype names → Triton's (the KServe v2 protocol's) data types; Triton's BYTES are numpy objects.
@@ -180,6 +185,8 @@ def tensors(sizes: Sizes = Sizes()) -> dict[str, TensorSpec]:
         TensorSpec(ATTENTION, "float32", (d, g, g)),
         TensorSpec(REAL_FREQ, "float32", (d, g * g)),
         TensorSpec(FAKE_FREQ, "float32", (d, g * g)),
+        TensorSpec(MANIFEST_ID, "object", (d, 1)),
+        TensorSpec(THRESHOLD, "float32", (d, 1)),
     )
     return {t.name: t for t in specs}
 

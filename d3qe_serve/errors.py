@@ -20,7 +20,8 @@ keep working. Libraries raise these; only `d3qe_serve.cli` turns them into messa
     ├── CarryError (RuntimeError)              the GPU run's carry: too large to travel, or a file not as built
     └── ServerError (RuntimeError)             the server could not be found, prepared, started or reached
         ├── ServerNotReadyError                the server or a model did not become ready in time
-        └── ModelMismatchError                 the served model does not have the interface asked for
+        ├── ModelMismatchError                 the served model does not have the interface asked for
+        └── RolloutError                       a rollout or rollback refused or failed, undone: the live one serves
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "MissingProviderError",
     "ModelMismatchError",
     "NotFoundError",
+    "RolloutError",
     "ServerError",
     "ServerNotReadyError",
     "UnsupportedError",
@@ -113,3 +115,7 @@ class ModelMismatchError(ServerError):
 
 class EvidenceError(InputError):
     """The server could not give the evidence for an image; the message names the image and the problem."""
+
+
+class RolloutError(ServerError):
+    """A rollout or rollback the server refused or that failed; it was undone, the live version keeps serving."""

@@ -6,7 +6,8 @@ The model runs the exported artifact through `serving.runtimes.load_part` (ONNX 
 torch, as the manifest says). The dynamic batcher hands `execute` several requests: they
 are concatenated along the batch axis, run once and split back. Tensors pass in and out through
 DLPack: on a GPU instance the parts hand each other device memory, never host copies. Inputs were
-checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients).
+checked before they got here (`preprocess` decodes, `check_pixels` checks tensors from clients). What an
+entrance returns (`serving.runtimes.GATE_TENSORS`) goes back in host memory: the gates are CPU instances.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from d3qe_serve.serving.model_params import PartParameters
-from d3qe_serve.serving.runtimes import load_part
+from d3qe_serve.serving.runtimes import handed_on, load_part
 
 
 class TritonPythonModel:
@@ -27,7 +28,7 @@ class TritonPythonModel:
         params = PartParameters.from_config(config)
         self.part = params.part
         device = "cpu" if args["model_instance_kind"] == "CPU" else f"cuda:{args['model_instance_device_id']}"
-        repository = Path(args["model_repository"]).parent
+        repository = Path(args["model_repository"]).parent / (params.export or "")  # a rollout's: rollouts/<N>
         self.runner = load_part(repository, self.part, device, params.intra_op_threads, params.compile)
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
@@ -41,8 +42,9 @@ class TritonPythonModel:
             error = pb_utils.TritonError(f"{self.part} failed: {e}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         sizes = [len(b[self.inputs[0]]) for b in batches]
-        # DLPack hands over dense tensors only: a runtime may return a view (the torch VQ residual is permuted)
-        pieces = {n: torch.split(outputs[n].contiguous(), sizes) for n in self.outputs}
+        # Dense (DLPack's condition); what an entrance returns in host memory, for its CPU-only gate.
+        outputs = handed_on(outputs)
+        pieces = {n: torch.split(outputs[n], sizes) for n in self.outputs}
         return [
             pb_utils.InferenceResponse(
                 [pb_utils.Tensor.from_dlpack(n, torch.utils.dlpack.to_dlpack(pieces[n][k])) for n in self.outputs]

@@ -12,14 +12,19 @@ as opaque bytes to Triton's gRPC on a private loopback port:
   here in 800 expired deadlines, but no cancellation of ours will find it;
 - `ModelStreamInfer` (bidirectional streaming) is forwarded message by message, each under the same
   limit; closing a stream from the client ends it, a cancelled stream is cancelled at Triton too;
-- Triton's error status and message come back unchanged.
+- Triton's error status and message come back unchanged;
+- the restricted APIs' header (model control, `serving.server_config`) reaches Triton only from a client
+  holding the operator's key (`AdminKey`), with Triton's own value in place of it; from anyone else it is
+  dropped, and Triton refuses the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from tritonclient.grpc import service_pb2
@@ -30,8 +35,29 @@ UNLIMITED = -1
 _TRANSPORT_METADATA = ("grpc-", ":", "user-agent")
 
 
-def _forwarded(metadata) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((m.key, m.value) for m in metadata or () if not m.key.startswith(_TRANSPORT_METADATA))
+@dataclass(frozen=True)
+class AdminKey:
+    """The restricted APIs' header (`header`, as Triton's gRPC reads it): a client sending the operator's `key`
+    (read from a file) is forwarded with Triton's own value `upstream` (drawn for each start); `key` None: nobody
+    holds one. The keys never print (`repr`)."""
+
+    header: str
+    upstream: str = field(repr=False)
+    key: str | None = field(default=None, repr=False)
+
+    def forwarded(self, key: str, value: str | bytes) -> tuple[str, str | bytes] | None:
+        """The header as Triton gets it, or None (dropped)."""
+        if key != self.header:
+            return key, value
+        given = value.encode() if isinstance(value, str) else value
+        if self.key is not None and hmac.compare_digest(given, self.key.encode()):
+            return key, self.upstream
+        return None
+
+
+def _forwarded(metadata, admin: AdminKey | None = None) -> tuple[tuple[str, str | bytes], ...]:
+    pairs = ((m.key, m.value) for m in metadata or () if not m.key.startswith(_TRANSPORT_METADATA))
+    return tuple(p for p in (admin.forwarded(*p) if admin else p for p in pairs) if p is not None)
 
 
 class GrpcFront:
@@ -41,12 +67,15 @@ class GrpcFront:
     waits up to `grace` seconds for calls still being answered.
     """
 
-    def __init__(self, host: str, port: int, upstream: str, max_request_bytes: int) -> None:
+    def __init__(
+        self, host: str, port: int, upstream: str, max_request_bytes: int, admin: AdminKey | None = None
+    ) -> None:
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
         self.address = f"{host}:{port}"
         self.upstream = upstream
         self.max_request_bytes = max_request_bytes
+        self.admin = admin
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._started = threading.Event()
@@ -79,7 +108,13 @@ class GrpcFront:
         self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
         self._channel = grpc.aio.insecure_channel(
             self.upstream,
-            options=[("grpc.max_send_message_length", UNLIMITED), ("grpc.max_receive_message_length", UNLIMITED)],
+            options=[
+                ("grpc.max_send_message_length", UNLIMITED),
+                ("grpc.max_receive_message_length", UNLIMITED),
+                # a restarted Triton (serving.supervisor) reached within a second, not after gRPC's backoff (to 120 s)
+                ("grpc.initial_reconnect_backoff_ms", 250),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ],
         )
         server = grpc.aio.server(
             options=[
@@ -121,7 +156,8 @@ class GrpcFront:
         stub = self._channel.unary_unary(method)
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            call = asyncio.ensure_future(stub(request, metadata=_forwarded(context.invocation_metadata())))
+            metadata = _forwarded(context.invocation_metadata(), self.admin)
+            call = asyncio.ensure_future(stub(request, metadata=metadata))
             self._calls.add(call)
             call.add_done_callback(self._call_ended)
             try:
@@ -136,7 +172,7 @@ class GrpcFront:
         stub = self._channel.stream_stream(method)
 
         async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            call = stub(requests, metadata=_forwarded(context.invocation_metadata()))
+            call = stub(requests, metadata=_forwarded(context.invocation_metadata(), self.admin))
             try:
                 async for response in call:
                     yield response

@@ -19,11 +19,14 @@ def _strings(config: dict) -> dict[str, str]:
 @dataclass(frozen=True)
 class PartParameters:
     """`model_repository/part.py`: which exported part it hosts, its CPU threads (None: the runtime's default),
-    and whether a torch-runtime part runs compiled (`serving.runtimes.TorchRunner`)."""
+    whether a torch-runtime part runs compiled (`serving.runtimes.TorchRunner`), and the export holding its
+    artifact, relative to the model repository (None: the repository itself; a rollout's generation is in
+    `rollouts/<N>`, `serving.rollout`)."""
 
     part: str
     intra_op_threads: int | None = None
     compile: bool = False
+    export: str | None = None
 
     def to_parameters(self) -> dict[str, str]:
         params = {"part": self.part}
@@ -31,6 +34,8 @@ class PartParameters:
             params["intra_op_threads"] = str(self.intra_op_threads)
         if self.compile:
             params["compile"] = "true"
+        if self.export is not None:
+            params["export"] = self.export
         return params
 
     @classmethod
@@ -39,21 +44,27 @@ class PartParameters:
         if "part" not in params:
             raise ValueError(f"model {config.get('name')!r}: its config has no 'part' parameter")
         threads = params.get("intra_op_threads")
-        return cls(params["part"], int(threads) if threads else None, params.get("compile") == "true")
+        return cls(
+            params["part"], int(threads) if threads else None, params.get("compile") == "true", params.get("export")
+        )
 
 
 @dataclass(frozen=True)
 class GateParameters:
-    """`model_repository/admission.py`: the ensemble a gate admits requests to; and the id of the export
-    answering (`serving.manifest.Manifest.id`), for clients to record with their scores (`d3qe bulk --url`)."""
+    """`model_repository/admission.py`: the ensemble a gate admits requests to; the id of the export answering
+    (`serving.manifest.Manifest.id`) and the threshold of its operating point (`serving.operating_point`), which
+    the gate answers with every item (MANIFEST_ID, THRESHOLD) and clients record with their scores."""
 
     ensemble: str
     manifest_id: str | None = None
+    threshold: float | None = None
 
     def to_parameters(self) -> dict[str, str]:
         params = {"ensemble": self.ensemble}
         if self.manifest_id is not None:
             params["manifest_id"] = self.manifest_id
+        if self.threshold is not None:
+            params["threshold"] = repr(float(self.threshold))
         return params
 
     @classmethod
@@ -61,7 +72,8 @@ class GateParameters:
         params = _strings(config)
         if "ensemble" not in params:
             raise ValueError(f"model {config.get('name')!r}: its config has no 'ensemble' parameter")
-        return cls(params["ensemble"], params.get("manifest_id"))
+        threshold = params.get("threshold")
+        return cls(params["ensemble"], params.get("manifest_id"), float(threshold) if threshold else None)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import ctypes
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -22,7 +23,7 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # resolved before fork: the child mus
 
 def _die_with_parent() -> None:
     # A child outliving a killed parent (a crashed test run) would hold ports and memory. Linux sends the
-    # signal when the thread that started the child ends: start it from a thread that outlives it.
+    # signal when the thread that started the child ends: `SupervisedProcess` starts it from a thread of its own.
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -31,7 +32,9 @@ class SupervisedProcess:
 
     Its stdout and stderr, together, are read line by line as they come: each line is written to every one of
     `sinks` (and flushed), and the last `tail_lines` lines are kept (`tail`). `die_with_parent`: the child gets
-    SIGTERM when the thread that started it ends.
+    SIGTERM when this process ends (Linux's parent-death signal, sent when the thread that forked the child
+    ends: it is forked from a thread that waits for it, so a caller's thread, such as the supervisor's that
+    restarts a server, may end before it).
     """
 
     def __init__(
@@ -55,7 +58,31 @@ class SupervisedProcess:
 
     def start(self) -> SupervisedProcess:
         """Start it (OSError where it cannot be run)."""
-        self._proc = subprocess.Popen(
+        if self.die_with_parent:
+            started: queue.Queue[subprocess.Popen | OSError] = queue.Queue(maxsize=1)
+            threading.Thread(target=self._keep, args=(started,), name="supervised-child", daemon=True).start()
+            proc = started.get()
+            if isinstance(proc, OSError):
+                raise proc
+            self._proc = proc
+        else:
+            self._proc = self._popen()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        return self
+
+    def _keep(self, started: queue.Queue) -> None:
+        """Fork the child, hand it over, and live as long as it does (see the class docstring)."""
+        try:
+            proc = self._popen()
+        except OSError as e:
+            started.put(e)
+            return
+        started.put(proc)
+        proc.wait()
+
+    def _popen(self) -> subprocess.Popen:
+        return subprocess.Popen(
             self.argv,
             cwd=self.cwd,
             env=self.env,
@@ -67,9 +94,6 @@ class SupervisedProcess:
             start_new_session=True,
             preexec_fn=_die_with_parent if self.die_with_parent else None,
         )
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-        return self
 
     def _pump(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

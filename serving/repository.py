@@ -45,11 +45,12 @@ from PIL import Image
 from tritonclient.utils import serialize_byte_tensor
 
 from d3qe_serve import contract
-from d3qe_serve.contract import IMAGE, PART_NAMES, PIXELS, RGB, Signature, TensorSpec, triton_dtype
+from d3qe_serve.contract import IMAGE, PART_NAMES, PIXELS, PROVENANCE, RGB, Signature, TensorSpec, triton_dtype
 from d3qe_serve.d3qe.parts import sizes
 from d3qe_serve.errors import ManifestError
 from d3qe_serve.serving.manifest import Manifest, PartEntry
 from d3qe_serve.serving.model_params import GateParameters, PartParameters, PreprocessParameters
+from d3qe_serve.serving.operating_point import OperatingPoint
 
 MODELS_PACKAGE = "d3qe_serve.model_repository"  # its modules are the python-backend models, shipped as package code
 VERSION = "1"
@@ -236,7 +237,7 @@ def ensemble_config(entrance: Signature, parts: dict[str, Signature], max_batch:
     vq_encoder ∥ clip_visual → d3qe_head (∥ evidence)."""
     config = mc.ModelConfig(name=ensemble_name(entrance.name), platform="ensemble", max_batch_size=max_batch)
     _add_tensors(config.input, entrance.inputs)
-    _add_tensors(config.output, entrance.outputs)
+    _add_tensors(config.output, [t for t in entrance.outputs if t.name not in PROVENANCE])  # the gate adds these
     first, handed_on = FIRST_STEPS[entrance.input.name]
     step = config.ensemble_scheduling.step.add(model_name=first, model_version=-1)
     step.input_map[entrance.input.name] = entrance.input.name
@@ -251,15 +252,22 @@ def ensemble_config(entrance: Signature, parts: dict[str, Signature], max_batch:
 
 
 def admission_config(
-    name: str,
+    entrance: Signature,
     ensemble: mc.ModelConfig,
     *,
     max_queue_size: int,
     queue_timeout_s: float,
     batches: int,
     manifest_id: str | None = None,
+    threshold: float | None = None,
+    cache: bool = True,
 ) -> mc.ModelConfig:
-    """The gate in front of `ensemble`: same tensors; its dynamic batcher's queue policy refuses the excess.
+    """The gate in front of `ensemble`: the entrance's tensors (the ensemble's, and the provenance the gate adds:
+    `manifest_id`, `threshold`); its dynamic batcher's queue policy refuses the excess.
+
+    `cache`: Triton's response cache answers a request equal to one answered before (the same model version
+    and input bytes) without running anything, where the server has a cache (`d3qe serve --cache-mb`); a
+    rollout gives the gate a new version, so that no answer outlives its model (`serving.rollout`).
 
     Up to `batches` batches (of up to max_batch_size images) are inside the ensemble at a time; up to
     `max_queue_size` requests wait; more are refused at once (UNAVAILABLE, "Exceeds maximum queue size"),
@@ -275,40 +283,72 @@ def admission_config(
             f"need max_queue_size >= 1, batches >= 1, queue_timeout_s >= 0; got {max_queue_size}, {batches}, "
             f"{queue_timeout_s}"
         )
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=ensemble.max_batch_size)
-    config.input.extend(ensemble.input)
-    config.output.extend(ensemble.output)
+    config = mc.ModelConfig(name=entrance.name, backend="python", max_batch_size=ensemble.max_batch_size)
+    _add_tensors(config.input, entrance.inputs)
+    _add_tensors(config.output, entrance.outputs)
     policy = config.dynamic_batching.default_queue_policy  # no queue delay: an admitted batch leaves at once
     policy.max_queue_size = max_queue_size
     policy.default_timeout_microseconds = round(queue_timeout_s * 1e6)
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.allow_timeout_override = True  # a client may ask to be refused sooner, never later
     _instances(config, "cpu", batches)
-    _parameters(config, GateParameters(ensemble.name, manifest_id).to_parameters())
+    _parameters(config, GateParameters(ensemble.name, manifest_id, threshold).to_parameters())
+    config.response_cache.enable = cache
     return config
 
 
-def warmup_image(size: int) -> bytes:
-    """A PNG gradient as a serialized TYPE_STRING tensor of one element (Triton's warm-up file format)."""
+def gradient_png(size: int) -> bytes:
+    """A PNG gradient of `size` × `size` pixels: the decoding models' warm-up image, a rollout's probe."""
     ramp = np.linspace(0, 255, size, dtype=np.uint8)
     rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)])
     buf = io.BytesIO()
     Image.fromarray(rgb.transpose(1, 2, 0)).save(buf, format="PNG")
-    return serialize_byte_tensor(np.array([buf.getvalue()], dtype=np.object_)).item()
+    return buf.getvalue()
 
 
-def _write_config(path: Path, config: mc.ModelConfig, comment: str = "") -> Path:
+def warmup_image(size: int) -> bytes:
+    """A PNG gradient as a serialized TYPE_STRING tensor of one element (Triton's warm-up file format)."""
+    return serialize_byte_tensor(np.array([gradient_png(size)], dtype=np.object_)).item()
+
+
+def write_config(path: Path, config: mc.ModelConfig, comment: str = "") -> Path:
+    """`config` in protobuf text format at `path` (a model's `config.pbtxt`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(comment + text_format.MessageToString(config))
     return path
 
 
-def _install_model(module: str, model_dir: Path) -> Path:
-    """`model_repository/<module>.py` as the model's `1/model.py` (read as package data: it runs only in Triton)."""
-    dest = model_dir / VERSION / "model.py"
+def read_config(path: Path) -> mc.ModelConfig:
+    """A `config.pbtxt` as tritonclient's `ModelConfig` (ManifestError where it is not one)."""
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise ManifestError(f"{path}: not a Triton model config ({e})") from e
+
+
+
+def model_module(config: mc.ModelConfig) -> str:
+    """The module of `model_repository/` a python-backend model runs, by what its config says it is."""
+    params = config.parameters
+    if "part" in params:
+        return "part"
+    if "ensemble" in params:
+        return "admission"
+    if "input" in params:
+        return "preprocess"
+    if config.name.startswith(FIRST_STEPS[PIXELS][0]):
+        return "check_pixels"
+    raise ManifestError(f"model {config.name!r}: not one of the python-backend models this version writes")
+
+
+def install_model(module: str, model_dir: Path, version: int | str = VERSION) -> Path:
+    """`model_repository/<module>.py` as the model's `<version>/model.py` (read as package data: it runs only in
+    Triton)."""
+    dest = model_dir / str(version) / "model.py"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes((resources.files(MODELS_PACKAGE) / f"{module}.py").read_bytes())
     return dest
+
 
 
 def _write_first_step(
@@ -318,9 +358,9 @@ def _write_first_step(
     model, _ = FIRST_STEPS[entrance.input.name]
     if entrance.input.name == PIXELS:
         config = check_pixels_config(max_batch, pixels, queue_delay_us)
-        return [_write_config(folder / "config.pbtxt", config), _install_model(model, folder)]
+        return [write_config(folder / "config.pbtxt", config), install_model(model, folder)]
     config = preprocess_config(entrance, pixels, max_batch, queue_delay_us, instances)
-    written = [_write_config(folder / "config.pbtxt", config), _install_model("preprocess", folder)]
+    written = [write_config(folder / "config.pbtxt", config), install_model("preprocess", folder)]
     if entrance.input.name == IMAGE:
         (folder / "warmup").mkdir(exist_ok=True)
         (folder / "warmup" / WARMUP_IMAGE).write_bytes(warmup_image(pixels.dims[-1]))
@@ -342,6 +382,7 @@ def write_repository(
     admitted_batches: int = DEFAULT_ADMITTED_BATCHES,
     compile: bool = False,
     decoders: int | None = None,
+    cache: bool = True,
 ) -> list[Path]:
     """Write every config, python model, ensemble and gate for the parts `manifest` describes; returns the files.
 
@@ -349,7 +390,9 @@ def write_repository(
     intra-op thread count of each instance (default: the cores split between vq_encoder and clip_visual).
     `max_queue_size`, `queue_timeout_s` and `admitted_batches` are each gate's overload policy
     (`admission_config`). `compile`: the torch-runtime parts run compiled (`serving.runtimes.TorchRunner`).
-    `decoders`: instances of each decoding model (default `default_decoders(device)`).
+    `decoders`: instances of each decoding model (default `default_decoders(device)`). The gates answer with
+    the manifest's id and the threshold of the export's operating point (`operating_point.json` in `out_dir`,
+    upstream's 0.5 without one); `cache`: their answers may come from Triton's response cache.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -366,16 +409,17 @@ def write_repository(
         raise ValueError(f"compile applies to torch-runtime parts; {', '.join(eager)} are not")
     for part, entry in entries.items():
         config = part_config(served[part], entry, **options, compile=compile)
-        written.append(_write_config(out_dir / part / "config.pbtxt", config))
-        written.append(_install_model("part", out_dir / part))
+        written.append(write_config(out_dir / part / "config.pbtxt", config))
+        written.append(install_model("part", out_dir / part))
         native_path = out_dir / part / "configs" / f"{NATIVE_CONFIG_NAME}.pbtxt"
         if native and (entry.runtime in NATIVE_PLATFORMS or entry.runtime in NATIVE_BACKENDS):
             caveat = OPENVINO_BACKEND_FP32_CAVEAT if entry.inference_precision == "f32" else ""
-            written.append(_write_config(native_path, native_config(served[part], entry, **options), caveat))
+            written.append(write_config(native_path, native_config(served[part], entry, **options), caveat))
         else:
             native_path.unlink(missing_ok=True)  # from an earlier export: it would not match these artifacts
     pixels = contract.tensors(shapes)[PIXELS]
     policy = {"max_queue_size": max_queue_size, "queue_timeout_s": queue_timeout_s, "batches": admitted_batches}
+    provenance = {"manifest_id": manifest.id, "threshold": OperatingPoint.read(out_dir).threshold, "cache": cache}
     step = {"max_batch": max_batch, "queue_delay_us": queue_delay_us, "instances": decoders or default_decoders(device)}
     firsts = set()  # entrances may share their first step (d3qe_evidence decodes with d3qe's preprocess)
     for entrance in contract.entrances(shapes).values():
@@ -386,12 +430,18 @@ def write_repository(
             firsts.add(first)
             written += _write_first_step(out_dir / first, entrance, pixels, **step)
         ensemble = ensemble_config(entrance, served, max_batch)
-        written.append(_write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
+        written.append(write_config(out_dir / ensemble.name / "config.pbtxt", ensemble))
         (out_dir / ensemble.name / VERSION).mkdir(exist_ok=True)  # an ensemble needs a version folder, even empty
-        gate = admission_config(entrance.name, ensemble, manifest_id=manifest.id, **policy)
-        written.append(_write_config(out_dir / entrance.name / "config.pbtxt", gate))
-        written.append(_install_model("admission", out_dir / entrance.name))
+        gate = admission_config(entrance, ensemble, **provenance, **policy)
+        written.append(write_config(out_dir / entrance.name / "config.pbtxt", gate))
+        written.append(install_model("admission", out_dir / entrance.name))
     return written
+
+
+def check_parts(out_dir: Path, manifest: Manifest) -> None:
+    """The manifest's parts are the scoring parts, each exported with the contract's tensors (ManifestError)."""
+    served = contract.parts(sizes(manifest.d3qe_config()))
+    _check_parts(out_dir, served, {p: manifest.parts[p] for p in served if p in manifest.parts})
 
 
 def _check_parts(out_dir: Path, served: dict[str, Signature], entries: dict[str, PartEntry]) -> None:

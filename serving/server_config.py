@@ -4,10 +4,15 @@ for `d3qe serve` (`serving.server.TritonServer`) and for the container (`deploy/
 
 Secure by default: model control off (`--model-control-mode=none`); the model-repository, logging and trace
 APIs, and system/CUDA shared memory, restricted to a header whose value is a random secret nobody is told,
-which switches them off; every address loopback unless asked otherwise. Shared memory is off because
-tritonserver 2.51 lets a client register any region under /dev/shm, the python backend's own IPC regions
-included (their names are listed there): opt in (`shared_memory=True`, `d3qe serve --shared-memory`) only
-where every client is trusted.
+which switches them off; every address loopback unless asked otherwise. Model control (`model_control`:
+`--model-control-mode=explicit`, what `serving.rollout` loads and unloads with) keeps that header: the key
+clients present is checked by the gRPC front (`serving.grpc_front.AdminKey`), which hands Triton its own
+value, so that the operator's key never appears on a command line. A repository a rollout has changed is
+served explicitly too, loading only its live models (`load_models`), model control on or off.
+
+Shared memory is off because tritonserver 2.51 lets a client register any region under /dev/shm, the python
+backend's own IPC regions included (their names are listed there): opt in (`shared_memory=True`, `d3qe serve
+--shared-memory`) only where every client is trusted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ DEFAULT_REPOSITORY = Path("build") / "model_repository"
 # Server APIs a client of this service never needs; `shared-memory` too unless asked for (see above).
 RESTRICTED_APIS = ("model-repository", "logging", "trace")
 ADMIN_HEADER = "d3qe-admin"  # the header that would open them, with a value nobody is given
+# Triton's gRPC reads a restricted protocol's header under this prefix (its HTTP API under the bare name).
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+CACHE = "local"  # the response cache the wheel ships (caches/local/libtritoncache_local.so)
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,9 @@ class ServerConfig:
     `admin_key`: the value of `ADMIN_HEADER` that would open the restricted APIs: drawn at random and given
     to nobody. `model_config_name`: each model's `configs/<name>.pbtxt` where it has one (NVIDIA's container
     takes `native`). `shm_region_prefix`: the name prefix of the python backend's regions in /dev/shm.
+    `model_control`: explicit model control (load and unload through the restricted model-repository API);
+    `load_models`: the models loaded at start (explicit control; empty: every model of the repository).
+    `cache_bytes`: Triton's local response cache of this size (None: none), from `cache_directory`.
     """
 
     model_repository: str | Path
@@ -48,6 +59,10 @@ class ServerConfig:
     model_config_name: str | None = None
     shared_memory: bool = False
     shm_region_prefix: str | None = None
+    model_control: bool = False
+    load_models: tuple[str, ...] = ()
+    cache_bytes: int | None = None
+    cache_directory: str | Path | None = None
 
     @property
     def restricted_apis(self) -> tuple[str, ...]:
@@ -69,10 +84,17 @@ class ServerConfig:
             "metrics-port": self.metrics_port,
         }
         shm = {"backend-config": f"python,shm-region-prefix-name={self.shm_region_prefix}"}
+        explicit = self.model_control or bool(self.load_models)
+        control = (
+            ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.load_models or ["*"])]
+            if explicit
+            else ["--model-control-mode=none"]  # the repository is fixed for the server's life
+        )
+        cache = {"cache-directory": self.cache_directory, "cache-config": f"{CACHE},size={self.cache_bytes}"}
         return [
             f"--model-repository={self.model_repository}",
             *(f"--{flag}={value}" for flag, value in optional.items() if value is not None),
-            "--model-control-mode=none",  # the repository is fixed for the server's life
+            *control,
             "--disable-auto-complete-config",  # configs are complete; auto-complete would start a stub per model
             "--strict-readiness=true",
             "--exit-on-error=true",
@@ -80,6 +102,7 @@ class ServerConfig:
             f"--grpc-restricted-protocol={restricted}",
             f"--http-restricted-api={restricted}",
             *(f"--{flag}={value}" for flag, value in shm.items() if self.shm_region_prefix is not None),
+            *(f"--{flag}={value}" for flag, value in cache.items() if self.cache_bytes and value is not None),
         ]
 
 

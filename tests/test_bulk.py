@@ -187,3 +187,30 @@ def test_bulk_through_a_server(local_ray, tiny_server, tiny_repository, images, 
         assert (row["error"] is None) == (want["error"] is None), row
         if want["error"] is None:
             assert row["logit"] == pytest.approx(want["logit"], abs=LOGIT_TOL)
+
+
+def test_bulk_scores_identical_files_once_and_gives_each_its_row(local_ray, tiny_repository, images, eager, tmp_path):
+    """Copies under other names (and a broken file twice): one content scored once, every source a row with its
+    twin's score; the report counts the duplicates; a file that cannot be read stays a content of its own."""
+    folder = tmp_path / "copies"
+    shutil.copytree(images, folder)
+    good = sorted(s for s, r in eager.items() if r["error"] is None)
+    twins = {folder / "again" / Path(good[0]).name: good[0], folder / f"copy_{Path(good[1]).name}": good[1]}
+    twins[folder / "again" / f"twice_{Path(good[0]).name}"] = good[0]
+    broken = next(s for s, r in eager.items() if s.endswith("text.png"))
+    twins[folder / "again" / "text_copy.png"] = broken
+    for copy, original in twins.items():
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copy(original, copy)
+    from d3qe_serve.bulk.pipeline import score_bulk
+
+    out = tmp_path / "scores.parquet"
+    report = score_bulk(BulkOptions(str(folder), str(out), repo=tiny_repository, concurrency=1, num_cpus=2))
+    # the folder's own files under their new names, then the copies with their originals' scores
+    expected = {str(folder / Path(s).relative_to(images)): r for s, r in eager.items()}
+    expected |= {str(c): eager[o] for c, o in twins.items()}
+    assert report.scored == len(expected) and report.duplicates == len(twins)
+    assert_rows_match(read_out(out), expected, Manifest.read(tiny_repository).id)
+    logits = {r["source"]: r["logit"] for r in read_out(out)}
+    for copy, original in twins.items():  # the very same score, not merely a close one
+        assert logits[str(copy)] == logits[str(folder / Path(original).relative_to(images))]

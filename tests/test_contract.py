@@ -96,14 +96,17 @@ def test_the_writers_configs_are_the_contract(preset, tmp_path):
     write_repository(tmp_path, _manifest(cfg), threads=1, decoders=1)
     shapes = sizes(cfg)
     for name, entrance in contract.entrances(shapes).items():
-        for model in (name, ensemble_name(name)):  # the gate clients call, and its ensemble: the same tensors
+        computed = tuple(t for t in entrance.outputs if t.name not in contract.PROVENANCE)
+        # the gate clients call: the entrance; its ensemble: the same but the provenance, which the gate adds
+        for model, outputs in ((name, entrance.outputs), (ensemble_name(name), computed)):
             config = _config(tmp_path, model)
             assert config.max_batch_size > 0  # the batch axis is Triton's, implicit in the dims
             assert _tensors(config.input) == _declared(entrance.inputs), model
-            assert _tensors(config.output) == _declared(entrance.outputs), model
+            assert _tensors(config.output) == _declared(outputs), model
+        assert entrance.output_names[-2:] == contract.PROVENANCE
         steps = _config(tmp_path, ensemble_name(name)).ensemble_scheduling.step
         produced = {entrance.input.name} | {v for s in steps for v in s.output_map.values()}
-        assert set(entrance.output_names) <= produced, name
+        assert {t.name for t in computed} <= produced, name
         for s in steps:
             assert set(s.input_map.values()) <= produced, f"{name}: {s.model_name} takes a tensor nobody gives"
     for name, part in contract.parts(shapes).items():

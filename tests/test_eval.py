@@ -11,8 +11,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from d3qe_serve.cli.main import main
-from d3qe_serve.client.eval import compute_metrics, crop, discover, jpeg
+from d3qe_serve.client.eval import compute_metrics, crop, discover, jpeg, verdict_threshold
 from d3qe_serve.client.results import ScoreResult
+from d3qe_serve.errors import InputError
 
 # The fixture's images as a two-generator test set: name → (generator, class folder).
 LAYOUT = {
@@ -111,6 +112,16 @@ def test_score_verdict_and_eval_decide_alike_at_the_threshold():
     assert metrics.acc == pytest.approx(0.5)
     assert [ScoreResult.from_scores("x", 0.0, float(p)).verdict for p in probs] == ["real", "generated"]
     assert ScoreResult.from_logit("x", 0.0).verdict == "real"
+
+
+def test_eval_measures_at_the_threshold_the_verdicts_used():
+    """No --threshold: the one the results carry (the served or exported operating point), else 0.5."""
+    served = [ScoreResult.from_scores(f"i{k}", 0.0, p, threshold=0.8) for k, p in enumerate((0.7, 0.9))]
+    assert verdict_threshold(served) == 0.8
+    assert verdict_threshold(served, 0.3) == 0.3
+    assert verdict_threshold([ScoreResult.failed("x", "broken"), ScoreResult("y", 0.0, 0.5, "real")]) == 0.5
+    with pytest.raises(InputError, match="different thresholds"):
+        verdict_threshold([*served, ScoreResult.from_scores("z", 0.0, 0.9, threshold=0.5)])
 
 
 def test_sweeps_change_the_scores(eager_report):

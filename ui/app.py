@@ -48,14 +48,15 @@ MB = 1 << 20
 @dataclass(frozen=True)
 class Settings:
     """The page's server (`url`, gRPC), its upload limits (per file, files per request, per request), the
-    frames scored per second of video, the verdict's threshold and the seconds one request may take."""
+    frames scored per second of video, the verdict's threshold (None: the one each answer carries, the server's;
+    a video's verdict then upstream's) and the seconds one request may take."""
 
     url: str = DEFAULT_URL
     max_file_mb: float = 100.0
     max_files: int = 100
     max_request_mb: float = 1024.0
     fps: float = DEFAULT_FPS
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float | None = None
     timeout: float = 120.0
 
     @property
@@ -130,7 +131,12 @@ def _score_video(settings: Settings, clients: Clients, upload: Upload, folder: P
         shutil.copyfileobj(upload.file.file, out)
     try:
         result = score_video(
-            path, clients.frames, fps=settings.fps, threshold=settings.threshold, source=upload.name, progress=False
+            path,
+            clients.frames,
+            fps=settings.fps,
+            threshold=DEFAULT_THRESHOLD if settings.threshold is None else settings.threshold,
+            source=upload.name,
+            progress=False,
         )
     except VideoError as e:
         result = VideoResult.failed(upload.name, str(e).replace(str(path), upload.name))

@@ -43,7 +43,9 @@ async function loadInfo() {
   $("limits").textContent =
     `Up to ${info.max_files} files and ${info.max_request_mb} MB at once, ${info.max_file_mb} MB a file. ` +
     `Videos (${info.video_suffixes.join(" ")}) are scored at ${info.fps} frames a second; ` +
-    `P(generated) above ${info.threshold} is flagged.`;
+    (info.threshold === null
+      ? "P(generated) above the server's threshold (each row shows it) is flagged."
+      : `P(generated) above ${info.threshold} is flagged.`);
 }
 
 async function scoreFiles(files) {
@@ -97,6 +99,7 @@ function addResult(row, file) {
     }
     p.textContent = fixed(row.probability, 4);
     logit.textContent = fixed(row.logit, 4);
+    if (!row.error) details.appendChild(provenance(row));
   } else {
     thumb.textContent = "▶";
     p.textContent = fixed(row.p_topk, 4);
@@ -110,6 +113,16 @@ function addResult(row, file) {
     details.appendChild(message);
   }
   $("results").querySelector("tbody").appendChild(tr);
+}
+
+// What produced a score: the export (its manifest id, shortened) and the threshold of the verdict.
+function provenance(row) {
+  const span = document.createElement("span");
+  span.className = "provenance";
+  const model = row.manifest_id ? `export ${row.manifest_id.slice(0, 12)}` : "export not named by the server";
+  span.textContent = `${model} · threshold ${fixed(row.threshold, 3)}`;
+  span.title = row.manifest_id ? `manifest id ${row.manifest_id}` : "";
+  return span;
 }
 
 function timeline(video) {
@@ -155,7 +168,8 @@ async function openEvidence(file, name) {
     $("evidence-summary").textContent =
       `P(generated) ${data.probability.toFixed(4)} (logit ${data.logit.toFixed(4)}, ${data.verdict}). ` +
       `${data.codes_used} distinct codes in ${data.tokens} tokens; ` +
-      `${(100 * data.fake_leaning_share).toFixed(1)} % of the tokens use a code more frequent among fake than real training tokens.`;
+      `${(100 * data.fake_leaning_share).toFixed(1)} % of the tokens use a code more frequent among fake than real training tokens. ` +
+      `Scored by ${provenance(data).textContent}.`;
     drawMap();
     drawHistogram(data);
     setStatus("");
@@ -232,7 +246,10 @@ function csvField(value) {
 }
 
 function toCsv() {
-  const columns = ["source", "kind", "logit", "probability", "p_topk", "verdict", "fake_periods", "error"];
+  const columns = [
+    ...["source", "kind", "logit", "probability", "p_topk", "verdict", "fake_periods", "error"],
+    ...["manifest_id", "threshold"],
+  ];
   const lines = results.map(({ row }) =>
     columns.map((c) => csvField(c === "fake_periods" && row[c] ? JSON.stringify(row[c]) : row[c])).join(","),
   );
