@@ -11,12 +11,15 @@ from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="the export that scores, in this process")
-    p.add_argument("--images", type=int, default=300, help="synthetic images per generator (half real, half not)")
-    p.add_argument("--generators", type=int, default=2)
-    p.add_argument("--target-fpr", type=float, default=0.05)
-    p.add_argument("--holdout", type=float, default=0.5, help="the fraction held out of each split")
-    p.add_argument("--splits", type=int, default=20, help="seeded splits, each calibrated and checked")
-    p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples per split")
+    from d3qe_serve.benchmarks.calibration import CalibrationRun
+
+    d = CalibrationRun()
+    p.add_argument("--images", type=int, default=d.images, help="synthetic images per generator (half real)")
+    p.add_argument("--generators", type=int, default=d.generators)
+    p.add_argument("--target-fpr", type=float, default=d.target_fpr)
+    p.add_argument("--holdout", type=float, default=d.holdout, help="the fraction held out of each split")
+    p.add_argument("--splits", type=int, default=d.splits, help="seeded splits, each calibrated and checked")
+    p.add_argument("--bootstrap", type=int, default=d.resamples, help="bootstrap resamples per split")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
 
 

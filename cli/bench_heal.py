@@ -12,11 +12,14 @@ from d3qe_serve.serving.server_config import DEFAULT_REPOSITORY
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY, help="served on free loopback ports")
-    p.add_argument("--clients", type=int, default=4, help="clients scoring continuously")
-    p.add_argument("--part", default="vq_encoder", help="the python-backend model whose first instance is killed")
-    p.add_argument("--before", type=float, default=5.0, help="seconds of load before the kill")
-    p.add_argument("--after", type=float, default=5.0, help="seconds of load after the server is healed")
-    p.add_argument("--heal-timeout", type=float, default=600.0, help="seconds to wait for the heal")
+    from d3qe_serve.benchmarks.heal import HealLoad
+
+    d = HealLoad()
+    p.add_argument("--clients", type=int, default=d.clients, help="clients scoring continuously")
+    p.add_argument("--part", default=d.part, help="the python-backend model whose first instance is killed")
+    p.add_argument("--before", type=float, default=d.before_s, help="seconds of load before the kill")
+    p.add_argument("--after", type=float, default=d.after_s, help="seconds of load after the server is healed")
+    p.add_argument("--heal-timeout", type=float, default=d.heal_timeout_s, help="seconds to wait for the heal")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<machine>-<date>)")
 
 

@@ -187,7 +187,6 @@ def _outputs(result: grpcclient.InferResult, n: int) -> tuple[np.ndarray, np.nda
     return logits.reshape(n), probs.reshape(n), ids, thresholds
 
 
-
 def _check_metadata(metadata: dict, config: dict) -> ModelInfo:
     inputs = {t["name"]: t["datatype"] for t in metadata.get("inputs", [])}
     outputs = {t["name"]: t["datatype"] for t in metadata.get("outputs", [])}

@@ -39,6 +39,7 @@ class TritonPythonModel:
         # name, "IMAGE: ", "IMAGE[2]: ", "PIXELS: ": those are the client's fault, as they were in the ensemble.
         names = "|".join(map(re.escape, self.inputs))
         self.bad_input = re.compile(rf"^in ensemble '[^']*', ({names})(\[\d+\])?: ")
+        self.dead_part = re.compile(r"Stub process '[^']*' is not healthy")  # healed (d3qe serve): retryable
 
     async def execute(self, requests: list) -> list:
         calls = [
@@ -57,7 +58,7 @@ class TritonPythonModel:
         elif answer.has_error():
             message = answer.error().message()
             code = pb_utils.TritonError.INVALID_ARG if self.bad_input.match(message) else answer.error().code()
-            if re.search(r"Stub process '[^']*' is not healthy", message):  # a dead part: healed, so retryable
+            if self.dead_part.search(message):
                 code = pb_utils.TritonError.UNAVAILABLE
             error = pb_utils.TritonError(message, code)
         else:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.fixture_weights import FIXTURE, fixture_state_dict
+from tests.helpers import export_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -45,11 +46,7 @@ def tiny_vq_checkpoint(tiny_state, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
     """The fixture checkpoint exported by `d3qe export` (ONNX Runtime fp32): a complete Triton repository."""
-    from d3qe_serve.cli.main import main
-
-    out = tmp_path_factory.mktemp("export") / "model_repository"
-    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
-    return out
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="session")

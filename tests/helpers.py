@@ -55,3 +55,13 @@ def write_video(path: Path, frames: list[np.ndarray], rate: int) -> Path:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+def export_checkpoint(checkpoint: Path, folder: Path) -> Path:
+    """`checkpoint` exported by `d3qe export` (ONNX Runtime fp32) to `folder`/model_repository: a complete Triton
+    repository."""
+    from d3qe_serve.cli.main import main
+
+    out = folder / "model_repository"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from d3qe_serve.contract import IMAGE_ENTRANCE, LOGIT, MANIFEST_ID, THRESHOLD
 from tests.fixture_weights import FIXTURE, fixture_state_dict
-from tests.helpers import image_input
+from tests.helpers import export_checkpoint, image_input
 
 OTHER_SALT = "d3qe-fixture-rollout"  # the fixture's weights drawn again with another salt: another checkpoint
 
@@ -37,11 +37,7 @@ def other_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_export(other_checkpoint, tmp_path_factory) -> Path:
     """The second checkpoint exported as the fixture's is (ONNX Runtime fp32)."""
-    from d3qe_serve.cli.main import main
-
-    out = tmp_path_factory.mktemp("other_export") / "model_repository"
-    assert main(["export", "--checkpoint", str(other_checkpoint), "--out", str(out)]) == 0
-    return out
+    return export_checkpoint(other_checkpoint, tmp_path_factory.mktemp("other_export"))
 
 
 def eager_logits(checkpoint: Path, images: list[Path]) -> dict[str, float]:
